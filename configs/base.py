@@ -1,0 +1,87 @@
+"""Every default of lmjax, in one place. Run files override a few keys of this.
+
+    lmjax train --config=configs/base.py --workdir=/tmp/base
+
+Groups: model (architecture), data (what is fed), mesh (how devices are laid out), optim
+(AdamW + schedule), train (loop lengths and cadences), checkpoint. No other file may invent a
+default: code reads `cfg.a.b` directly, so a missing key is a bug, not a silent fallback.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # one seed for params, dropout and data order
+
+    # ---------------------------------------------------------------- model
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab_size = 2048  # rows of the embedding; must be >= the tokenizer's vocabulary
+    m.d_model = 256  # D: residual stream width
+    m.num_layers = 4  # decoder blocks
+    m.num_heads = 4  # N: query heads
+    m.num_kv_heads = 4  # K: key/value heads (N = MHA, 1 = MQA, between = GQA); must divide N
+    m.head_dim = 64  # H: per-head width (not forced to D / N, as in LLaMA/Gemma)
+    m.mlp_dim = 1024  # F: hidden width of the MLP
+    m.mlp = "swiglu"  # 'swiglu' (LLaMA: silu(xW1) * xW3 -> W2) | 'gelu' (GPT-2: gelu(xW1) -> W2)
+    m.norm = "rms"  # 'rms' (LLaMA) | 'layer' (GPT-2)
+    m.norm_eps = 1e-6
+    m.position = "rope"  # 'rope' | 'learned' (GPT-2) | 'sinusoidal' (Vaswani) | 'none'
+    m.rope_theta = 10_000.0
+    m.max_len = 256  # longest sequence the position table supports (learned/sinusoidal)
+    m.use_bias = False  # biases on every dense layer and norm (GPT-2 has them)
+    m.tie_embeddings = False  # unembedding = embedding^T (GPT-2)
+    m.qk_norm = False  # RMS-normalise queries and keys per head (OLMo 2, Gemma 3)
+    m.dropout = 0.0  # on attention output, MLP output and embeddings (GPT-2 used 0.1)
+    m.init_std = 0.02  # normal init for every weight matrix (GPT-2 / nanoGPT)
+    m.param_dtype = "float32"  # master weights and optimizer state
+    m.dtype = "float32"  # compute dtype of matmuls and activations ('bfloat16' on accelerators)
+    m.attention = "xla"  # attention kernel: 'xla' (reference, runs everywhere)
+    m.remat = "none"  # activation checkpointing per block: 'none' | 'full' | 'dots_saveable'
+
+    # ---------------------------------------------------------------- data
+    d = c.data = ml_collections.ConfigDict()
+    d.source = "text"  # 'text' (local UTF-8 files) | 'synthetic' (random tokens, for benchmarks)
+    d.text = "shakespeare"  # name of a text shipped in lmjax/data/text, or a glob of local files
+    d.tokenizer = "shakespeare_bpe2048"  # shipped model name, or a path to a SentencePiece .model
+    d.seq_len = 256  # L: tokens per training example (the model sees L inputs, predicts L targets)
+    d.global_batch_size = 32  # B: sequences per optimizer step, over all hosts and devices
+    d.eval_fraction = 0.05  # tail of the text held out for evaluation
+
+    # ---------------------------------------------------------------- mesh
+    s = c.mesh = ml_collections.ConfigDict()
+    s.data = -1  # pure data-parallel replicas; -1 = all devices not used by the other axes
+    s.fsdp = 1  # parameters and optimizer state sharded (ZeRO-3), batch split too
+    s.tensor = 1  # Megatron tensor parallelism: heads and MLP width split
+    s.rules = "fsdp_tp"  # logical-axis rule preset in lmjax/sharding.py: 'dp' | 'fsdp' | 'fsdp_tp'
+
+    # ---------------------------------------------------------------- optim
+    o = c.optim = ml_collections.ConfigDict()
+    o.lr = 3e-3  # peak learning rate
+    o.schedule = "cosine"  # after warmup: 'cosine' | 'linear' | 'constant' | 'rsqrt' | 'wsd'
+    o.warmup_steps = 100  # linear warmup from 0 to lr
+    o.end_lr_fraction = 0.1  # final lr = end_lr_fraction * lr (cosine, linear, wsd)
+    o.wsd_decay_fraction = 0.2  # WSD: last fraction of training spent decaying (Hägele et al. 2024)
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1  # decoupled (AdamW), applied to matrices only
+    o.decay_embeddings = False  # also decay embedding tables (norms and biases never decay)
+    o.clip_norm = 1.0  # global gradient-norm clip; 0 disables
+    o.z_loss = 0.0  # PaLM auxiliary loss z * log(Z)^2 keeping the softmax normaliser near 1
+
+    # ---------------------------------------------------------------- train
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 1000  # optimizer steps (the schedule's length)
+    t.grad_accum = 1  # micro-batches per step, accumulated inside the jitted step
+    t.log_every = 10  # steps between metrics.jsonl rows and progress-bar refreshes
+    t.eval_every = 200  # steps between held-out evaluations (0 = only at the end)
+    t.eval_batches = 8  # batches of the held-out split per evaluation
+
+    # ---------------------------------------------------------------- checkpoint
+    k = c.checkpoint = ml_collections.ConfigDict()
+    k.every = 200  # steps between saves (a final save always happens)
+    k.max_to_keep = 3
+    k.async_save = True  # write in a background thread while training continues
+    return c

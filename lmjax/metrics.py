@@ -1,0 +1,89 @@
+"""Where numbers go: metrics.jsonl (the record every tool reads), TensorBoard, and the MFU peak.
+
+MFU needs a peak. Accelerators use their datasheet's dense bf16 figure; a CPU has no honest
+datasheet figure, so its peak is measured: the rate of a jitted float32 matmul in this process.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' datasheets.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,  # cloud.google.com/tpu/docs/v4
+    "TPU v5 lite": 197e12,  # v5e, cloud.google.com/tpu/docs/v5e
+    "TPU v5": 459e12,  # v5p, cloud.google.com/tpu/docs/v5p
+    "TPU v6 lite": 918e12,  # v6e (Trillium), cloud.google.com/tpu/docs/v6e
+    "NVIDIA A100": 312e12,  # A100 datasheet, dense (no sparsity)
+    "NVIDIA H100": 989e12,  # H100 SXM datasheet, dense
+    "NVIDIA H200": 989e12,  # H200 SXM datasheet, dense
+}
+
+
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a jitted f32 n x n matmul on the default device, best of `repeats`."""
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float:
+    """Datasheet peak for known accelerators; the measured matmul rate otherwise."""
+    device = device or jax.devices()[0]
+    for kind, flops in PEAK_FLOPS.items():
+        if device.device_kind.startswith(kind):
+            return flops
+    return measured_matmul_flops()
+
+
+class Writer:
+    """metrics.jsonl plus TensorBoard, written by process 0 only.
+
+    On resume, rows past the restored step are dropped: they came from steps that are about to
+    be run again, and a step must never appear twice.
+    """
+
+    def __init__(self, workdir: str, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def _plain(value):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()

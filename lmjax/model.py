@@ -1,0 +1,200 @@
+"""A decoder-only transformer in Flax NNX that is GPT-2 or LLaMA by configuration.
+
+GPT-2 (Radford et al. 2019): learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
+LLaMA (Touvron et al. 2023): RoPE, RMSNorm, SwiGLU MLP, no biases, untied, grouped-query attention.
+Both are pre-norm: x + f(norm(x)), with a final norm before the unembedding.
+
+Parameters carry logical axis names only ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim',
+'mlp', 'length'); lmjax/sharding.py maps them onto mesh axes. Activations are constrained with
+'activation_*' names so their layout can change without touching the weights (as in MaxText).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from lmjax import attention, sharding
+
+BLD = ("activation_batch", "activation_length", "activation_embed")
+BLNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+BLF = ("activation_batch", "activation_length", "activation_mlp")
+BLV = ("activation_batch", "activation_length", "activation_vocab")
+
+
+def _named(init, names: tuple[str, ...]):
+    """Attach logical axis names. Not sharded at creation: train.py initialises under jit with
+    explicit out_shardings, so the model can also be built without any mesh (tests, info)."""
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _normal(std: float, names: tuple[str, ...]):
+    return _named(nnx.initializers.normal(std), names)
+
+
+def _dtypes(cfg: ml_collections.ConfigDict) -> dict:
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def make_norm(cfg: ml_collections.ConfigDict, features: int, names: tuple[str, ...],
+              rngs: nnx.Rngs, kind: str | None = None) -> nnx.Module:
+    scale_init = _named(nnx.initializers.ones, names)
+    if (kind or cfg.norm) == "rms":
+        return nnx.RMSNorm(features, epsilon=cfg.norm_eps, scale_init=scale_init, rngs=rngs,
+                           **_dtypes(cfg))
+    bias_init = _named(nnx.initializers.zeros, names)
+    return nnx.LayerNorm(features, epsilon=cfg.norm_eps, use_bias=cfg.use_bias,
+                         scale_init=scale_init, bias_init=bias_init, rngs=rngs, **_dtypes(cfg))
+
+
+def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding (Su et al. 2021), half-split layout: dims i and i + H/2 form a pair."""
+    H = x_BLNH.shape[-1]
+    inv_freq_H2 = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+    angle_BLH2 = positions_BL[..., None].astype(jnp.float32) * inv_freq_H2
+    sin, cos = jnp.sin(angle_BLH2)[:, :, None, :], jnp.cos(angle_BLH2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BLNH.dtype)
+
+
+def sinusoidal(positions_BL: jax.Array, d: int) -> jax.Array:
+    """Fixed positions of Vaswani et al. 2017: sin on the first half of the width, cos after."""
+    inv_freq = 10_000.0 ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angle = positions_BL[..., None].astype(jnp.float32) * inv_freq
+    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2's residual scaling
+
+        def proj(spec, shape, names, bias_shape, bias_names, std):
+            return nnx.Einsum(spec, shape, bias_shape if cfg.use_bias else None,
+                              kernel_init=_normal(std, names),
+                              bias_init=_named(nnx.initializers.zeros, bias_names),
+                              rngs=rngs, **_dtypes(cfg))
+
+        self.q = proj("BLD,DNH->BLNH", (D, N, H), ("embed", "heads", "head_dim"), (N, H),
+                      ("heads", "head_dim"), cfg.init_std)
+        self.k = proj("BLD,DKH->BLKH", (D, K, H), ("embed", "kv_heads", "head_dim"), (K, H),
+                      ("kv_heads", "head_dim"), cfg.init_std)
+        self.v = proj("BLD,DKH->BLKH", (D, K, H), ("embed", "kv_heads", "head_dim"), (K, H),
+                      ("kv_heads", "head_dim"), cfg.init_std)
+        self.o = proj("BLNH,NHD->BLD", (N, H, D), ("heads", "head_dim", "embed"), (D,),
+                      ("embed",), out_std)
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, H, ("head_dim",), rngs, kind="rms")
+            self.k_norm = make_norm(cfg, H, ("head_dim",), rngs, kind="rms")
+        self.cfg = cfg
+
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+        q_BLNH, k_BLKH, v_BLKH = self.q(x_BLD), self.k(x_BLD), self.v(x_BLD)
+        if self.cfg.qk_norm:
+            q_BLNH, k_BLKH = self.q_norm(q_BLNH), self.k_norm(k_BLKH)
+        if self.cfg.position == "rope":
+            q_BLNH = rope(q_BLNH, positions_BL, self.cfg.rope_theta)
+            k_BLKH = rope(k_BLKH, positions_BL, self.cfg.rope_theta)
+        q_BLNH = sharding.constrain(q_BLNH, BLNH)
+        out_BLNH = attention.attend(q_BLNH, k_BLKH, v_BLKH, impl=self.cfg.attention, causal=True)
+        return self.o(sharding.constrain(out_BLNH, BLNH))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.mlp_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+
+        def dense(d_in, d_out, names, std):
+            return nnx.Linear(d_in, d_out, use_bias=cfg.use_bias, kernel_init=_normal(std, names),
+                              bias_init=_named(nnx.initializers.zeros, names[1:]),
+                              rngs=rngs, **_dtypes(cfg))
+
+        self.up = dense(D, F, ("embed", "mlp"), cfg.init_std)
+        self.gate = dense(D, F, ("embed", "mlp"), cfg.init_std) if cfg.mlp == "swiglu" else None
+        self.down = dense(F, D, ("mlp", "embed"), out_std)
+        self.kind = cfg.mlp
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        if self.kind == "swiglu":  # Shazeer 2020: silu(x W_gate) * (x W_up)
+            h_BLF = jax.nn.silu(self.gate(x_BLD)) * self.up(x_BLD)
+        else:  # GPT-2 uses the tanh approximation of GELU
+            h_BLF = jax.nn.gelu(self.up(x_BLD), approximate=True)
+        return self.down(sharding.constrain(h_BLF, BLF))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+        self.attn_norm = make_norm(cfg, cfg.d_model, ("embed",), rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = make_norm(cfg, cfg.d_model, ("embed",), rngs)
+        self.mlp = Mlp(cfg, rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
+                 rngs: nnx.Rngs | None) -> jax.Array:
+        deterministic = rngs is None
+        h_BLD = self.attn(self.attn_norm(x_BLD), positions_BL)
+        x_BLD = x_BLD + self.dropout(h_BLD, deterministic=deterministic, rngs=rngs)
+        h_BLD = self.mlp(self.mlp_norm(x_BLD))
+        x_BLD = x_BLD + self.dropout(h_BLD, deterministic=deterministic, rngs=rngs)
+        return sharding.constrain(x_BLD, BLD)
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    """tokens [B, L] -> logits [B, L, V] (float32)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
+                               embedding_init=_normal(cfg.init_std, ("vocab", "embed")),
+                               **_dtypes(cfg))
+        if cfg.position == "learned":
+            self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs,
+                                       embedding_init=_normal(cfg.init_std, ("length", "embed")),
+                                       **_dtypes(cfg))
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = make_norm(cfg, cfg.d_model, ("embed",), rngs)
+        if not cfg.tie_embeddings:
+            self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs,
+                                      kernel_init=_normal(cfg.init_std, ("embed", "vocab")),
+                                      **_dtypes(cfg))
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """rngs=None is deterministic (eval); pass nnx.Rngs(dropout=key) to train with dropout."""
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        # Gather rows from a replicated copy: a lookup into a table split on both axes makes XLA
+        # rematerialise it anyway, with a warning, and FSDP all-gathers weights regardless.
+        table_VD = sharding.constrain(self.embed.embedding[...], (None, None))
+        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(self.cfg.dtype)
+        if self.cfg.position == "learned":
+            x_BLD = x_BLD + self.pos_embed(positions_BL)
+        elif self.cfg.position == "sinusoidal":
+            x_BLD = x_BLD + sinusoidal(positions_BL, self.cfg.d_model).astype(x_BLD.dtype)
+        x_BLD = self.dropout(x_BLD, deterministic=rngs is None, rngs=rngs)
+        x_BLD = sharding.constrain(x_BLD, BLD)
+        for block in self.blocks:
+            if self.cfg.remat == "none":
+                x_BLD = block(x_BLD, positions_BL, rngs)
+            else:
+                policy = REMAT_POLICIES[self.cfg.remat]
+                x_BLD = nnx.remat(lambda b, x, p, r: b(x, p, r), policy=policy)(
+                    block, x_BLD, positions_BL, rngs)
+        x_BLD = self.final_norm(x_BLD)
+        if self.cfg.tie_embeddings:
+            logits_BLV = self.embed.attend(x_BLD)
+        else:
+            logits_BLV = self.unembed(x_BLD)
+        return sharding.constrain(logits_BLV.astype(jnp.float32), BLV)

@@ -1,0 +1,56 @@
+"""The optimizer: global-norm clipping, then AdamW with a weight-decay mask, on a schedule.
+
+Everything is an optax building block; this file only chooses and wires them. Weight decay
+applies to matrices only: decaying norm scales and biases pulls them towards zero for no
+benefit (the GPT-3/nanoGPT practice), and embeddings are excluded unless configured because
+their rows see few gradient updates each.
+"""
+
+import jax
+import ml_collections
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "wsd")
+
+
+def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to cfg.lr over cfg.warmup_steps, then the named decay."""
+    lr, warmup = cfg.lr, cfg.warmup_steps
+    end = lr * cfg.end_lr_fraction
+    rest = max(total_steps - warmup, 1)
+    if cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, rest, alpha=cfg.end_lr_fraction)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(lr, end, rest)
+    elif cfg.schedule == "constant":
+        after = optax.constant_schedule(lr)
+    elif cfg.schedule == "rsqrt":  # lr * sqrt(warmup / step), continuous at the end of warmup
+        after = lambda count: lr * jax.lax.rsqrt(1.0 + count / max(warmup, 1))
+    elif cfg.schedule == "wsd":  # Hägele et al. 2024: hold, then decay over the last fraction
+        decay = max(int(rest * cfg.wsd_decay_fraction), 1)
+        after = optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)], [rest - decay])
+    else:
+        raise ValueError(f"optim.schedule={cfg.schedule!r} is unknown; choose one of {SCHEDULES}.")
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def decay_mask(params, decay_embeddings: bool):
+    """True for the leaves AdamW should decay: matrices, plus embedding tables if asked."""
+
+    def decays(path, leaf) -> bool:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        is_embedding = "embed/embedding" in name
+        return leaf.ndim >= 2 and (decay_embeddings or not is_embedding)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    adamw = optax.adamw(
+        schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: decay_mask(params, cfg.decay_embeddings))
+    if cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    return adamw

@@ -12,10 +12,9 @@ The data keys keep base.py's defaults: point data.text / data.tokenizer at your 
 tokenizer of at most 50257 pieces), or use --config.data.source=synthetic to benchmark.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
+
+from configs import base
 
 # name: (d_model, num_layers, num_heads, peak lr, sequences per step)
 SIZES = {
@@ -28,20 +27,11 @@ TOKENS = 10_000_000_000
 WARMUP_TOKENS = 375_000_000
 
 
-def _base() -> ml_collections.ConfigDict:
-    """configs/base.py, found beside this file: configs are loaded by path, not as a package."""
-    spec = importlib.util.spec_from_file_location("lmjax_configs_base",
-                                                  Path(__file__).with_name("base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config(arg: str | None = "small") -> ml_collections.ConfigDict:
     if arg not in SIZES:
         raise ValueError(f"configs/gpt2.py:{arg} is unknown; choose one of {list(SIZES)}.")
     d_model, num_layers, num_heads, lr, batch = SIZES[arg]
-    c = _base()
+    c = base.get_config()
     c.model.update(
         vocab_size=50257, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_heads, head_dim=d_model // num_heads, mlp_dim=4 * d_model, mlp="gelu",

@@ -35,13 +35,9 @@ from lmjax.model import Transformer
 
 
 def count_params(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
-    """{'total', 'embedding', 'non_embedding'} from the abstract model: exact, and free to compute.
-
-    Eager sharding is switched off because a count needs shapes, not a mesh: `lmjax info` must
-    work for a 7B config on a laptop.
-    """
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+    """{'total', 'embedding', 'non_embedding'} from the abstract model: exact, and free to compute
+    (`lmjax info` works for a 7B config on a laptop)."""
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
 
     def size(module: nnx.Module) -> int:
         return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))

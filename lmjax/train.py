@@ -72,7 +72,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *,
                                        (jnp.arange(accum), micro))
     optimizer.update(model, grads)
     out = {f"train/{k}": v for k, v in aux.items()}
-    out["train/grad_norm"] = optax.global_norm(grads)
+    out["train/grad_norm"] = optax.tree.norm(grads)
     out["lr"] = optim.schedule(cfg.optim, cfg.train.steps)(step)
     return nnx.state((model, optimizer)), out
 
@@ -99,13 +99,17 @@ def _check_finite(step: int, values: dict) -> None:
             raise FloatingPointError(f"{key} is {value} at step {step}; stopping the run.")
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (or resume training) in `workdir`; returns the last logged metrics."""
-    config_lib.validate(cfg, jax.device_count())
+def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+    """Train (or resume training) in `workdir`; returns the last logged metrics.
+
+    `devices` (default: all) lets one process train on a subset, e.g. a 1-device baseline.
+    """
+    devices = jax.devices() if devices is None else devices
+    config_lib.validate(cfg, len(devices))
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         config_lib.save(cfg, os.path.join(workdir, "config.json"))
-    mesh = sharding.make_mesh(cfg)
+    mesh = sharding.make_mesh(cfg, devices)
     data = pipeline.build(cfg, jax.process_index(), jax.process_count())
     if data.tokenizer is not None and jax.process_index() == 0:
         with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
@@ -122,7 +126,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             data.train.set_state(data_state)
         for problem in sharding.assert_sharded(state, cfg.mesh.rules):
             print(f"warning: {problem}")
-        return _loop(cfg, workdir, mesh, fns, state, data, ckpt, start)
+        return _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, len(devices))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +144,9 @@ def compile_fns(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Func
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: create(cfg)))
     sharding.check_divisible(abstract_state, mesh, cfg.mesh.rules)
     state_shardings = nnx.get_named_sharding(abstract_state, mesh)
+    abstract_state = jax.tree.map(  # concrete shardings: what a checkpoint restores onto
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_state, state_shardings)
     batch_sharding = sharding.batch_sharding(mesh)
     return Functions(
         abstract_state=abstract_state,
@@ -152,11 +159,11 @@ def compile_fns(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Func
     )
 
 
-def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start) -> dict:
+def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, num_devices) -> dict:
     writer = metrics.Writer(workdir, resume_step=start)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     flops_per_step = flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    peak = metrics.peak_flops_per_device() * jax.device_count()
+    peak = metrics.peak_flops_per_device() * num_devices
     bar = tqdm(total=cfg.train.steps, initial=start, disable=jax.process_index() != 0,
                unit="step", dynamic_ncols=True)
     pending, last = None, {}

@@ -1,28 +1,22 @@
 """Parameter counts against published figures, and the FLOP convention against XLA's own count."""
 
-import importlib.util
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
-from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
-from lmjax import flops
+from lmjax import config, flops
 from lmjax.model import Transformer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def load(name: str):
-    """A config module loaded by path, the way config_flags loads `--config=configs/x.py`."""
-    spec = importlib.util.spec_from_file_location(f"test_configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """A config loaded by path, as `--config=configs/name.py:arg` is."""
+    return config.load(f"{CONFIGS / name}.py" + (f":{arg}" if arg else ""))
 
 
 # Published totals: GPT-2 as in HF transformers (tied lm head), TinyLlama-1.1B and OpenLLaMA-3B
@@ -40,7 +34,7 @@ PUBLISHED = {
 
 @pytest.mark.parametrize(("file", "arg"), PUBLISHED)
 def test_presets_match_published_param_counts(file, arg):
-    counts = flops.count_params(load(file).get_config(arg).model)
+    counts = flops.count_params(load(file, arg).model)
     assert counts["total"] == PUBLISHED[file, arg]
     assert counts["embedding"] + counts["non_embedding"] == counts["total"]
 
@@ -51,7 +45,7 @@ def test_presets_override_at_most_20_keys_of_base(file, arg):
         return {f"{group}.{k}": v for group, sub in c.items()
                 if isinstance(sub, ml_collections.ConfigDict) for k, v in sub.items()}
 
-    base, preset = flat(load("base").get_config()), flat(load(file).get_config(arg))
+    base, preset = flat(load("base")), flat(load(file, arg))
     assert preset.keys() == base.keys()  # presets override, never invent keys
     changed = [k for k in base if base[k] != preset[k]]
     assert len(changed) <= 20, changed
@@ -60,22 +54,12 @@ def test_presets_override_at_most_20_keys_of_base(file, arg):
 @pytest.mark.parametrize("file", ["gpt2", "llama"])
 def test_unknown_preset_names_the_valid_ones(file):
     with pytest.raises(ValueError, match="choose one of"):
-        load(file).get_config("huge")
-
-
-@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags
-def test_presets_load_through_config_flags():
-    argv = ["prog", f"--config={CONFIGS / 'gpt2.py'}:medium", "--config.train.steps=7"]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
-    values(argv)
-    assert values.config.model.d_model == 1024
-    assert values.config.train.steps == 7
+        load(file, "huge")
 
 
 def small_model(kind: str) -> ml_collections.ConfigDict:
     """base.py shrunk; GPT-2 style (tied, biases, learned positions) or LLaMA style (GQA)."""
-    m = load("base").get_config().model
+    m = load("base").model
     m.update(vocab_size=1024, d_model=128, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=64,
              mlp_dim=512, max_len=1024)
     if kind == "gpt2":
@@ -87,7 +71,7 @@ def small_model(kind: str) -> ml_collections.ConfigDict:
 
 def test_golden_counts_for_base_config():
     # V=2048 D=256 4 layers N=K=4 H=64 F=1024 swiglu rms rope, untied, no biases.
-    m = load("base").get_config().model
+    m = load("base").model
     embed = 2048 * 256
     block = 4 * 256 * 256 + 3 * 256 * 1024 + 2 * 256  # q k v o, gate up down, two RMSNorm scales
     non_embedding = 4 * block + 256 + 256 * 2048  # blocks, final norm, untied unembedding
@@ -152,7 +136,7 @@ def test_forward_flops_agree_with_xla(kind):
 
 
 def test_report_shows_every_figure():
-    cfg = load("gpt2").get_config("small")
+    cfg = load("gpt2", "small")
     r = flops.report_dict(cfg)
     assert r["params"] == 124_439_808
     assert r["flops_per_step"] == r["flops_per_token"] * 1024 * 512

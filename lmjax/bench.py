@@ -1,0 +1,186 @@
+"""`lmjax bench`: training throughput, MFU, compile time and memory of a named model.
+
+    lmjax bench --model=bench --steps=20
+    lmjax bench --model=llama-tiny --devices=8 --config.data.global_batch_size=64
+
+The train step is the one `lmjax train` runs (train.compile_fns), compiled ahead of time so
+that compiling and running are timed apart; a step is timed from dispatch until its outputs
+are ready, and the reported step time is the median over `steps` steps after two warm-up
+steps. The batch is synthetic, generated once on the host and reused: the input pipeline is
+not measured. MFU uses flops.py's convention (6N + 6·layers·T·d_attn per token) against
+metrics.py's peak (datasheet for TPU/GPU, a measured f32 matmul on CPU); the measured matmul
+rate is reported on every backend, so CPU and accelerator runs read the same way.
+
+The last line printed is one JSON object (`run`'s dict), for scripts and sweeps.
+"""
+
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+import lmjax
+from lmjax import config as config_lib
+from lmjax import flops, metrics, sharding, train
+from lmjax.data import sources
+
+WARMUP_STEPS = 2
+FLOP_CONVENTION = "6N + 6*layers*T*d_attn per token (lmjax/flops.py)"
+# configs/ of the checkout this package was imported from (named models are config files).
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(lmjax.__file__))),
+                       "configs")
+# family -> the table in configs/<family>.py whose keys are its sizes: gpt2-small, llama-1b, ...
+FAMILIES = {"gpt2": "SIZES", "llama": "PRESETS"}
+
+
+def models() -> dict[str, str]:
+    """Every name `--model` accepts -> its config spec (`path.py[:arg]`), read from configs/."""
+    if not os.path.isdir(CONFIGS):
+        raise FileNotFoundError(
+            f"lmjax bench reads its models from configs/, expected at {CONFIGS}; run it from a "
+            "source checkout (pip install -e .).")
+    specs = {"bench": os.path.join(CONFIGS, "bench.py")}
+    for family, table in FAMILIES.items():
+        path = os.path.join(CONFIGS, f"{family}.py")
+        module_spec = importlib.util.spec_from_file_location(f"lmjax_bench_{family}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        specs.update({f"{family}-{arg}": f"{path}:{arg}" for arg in getattr(module, table)})
+    return specs
+
+
+def load(model: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """The config of a named model on synthetic data, with `a.b=value` overrides on top."""
+    specs = models()
+    if model not in specs:
+        raise ValueError(f"Unknown model {model!r}; choose one of {', '.join(specs)}.")
+    return config_lib.load(specs[model], ["data.source=synthetic", *overrides])
+
+
+def synthetic_batch(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """One global batch of the synthetic source, in the pipeline's inputs/targets/weights form."""
+    rows = sources.synthetic_rows(cfg, split=0)
+    rows_BL1 = np.stack([rows[i] for i in range(cfg.data.global_batch_size)])
+    return {"inputs": rows_BL1[:, :-1], "targets": rows_BL1[:, 1:],
+            "weights": np.ones(rows_BL1[:, 1:].shape, np.float32)}
+
+
+def _memory(compiled) -> dict[str, int | None]:
+    """Per-device bytes XLA planned for the step; None where the backend does not say."""
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError, jax.errors.JaxRuntimeError):
+        stats = None
+    names = {"temp_bytes": "temp_size_in_bytes", "argument_bytes": "argument_size_in_bytes",
+             "output_bytes": "output_size_in_bytes", "alias_bytes": "alias_size_in_bytes"}
+    return {key: getattr(stats, attr, None) if stats is not None else None
+            for key, attr in names.items()}
+
+
+def run(model: str, devices: int, steps: int,
+        overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Benchmark `model` on the first `devices` devices; returns the figures as a JSON-able dict."""
+    available = jax.devices()
+    if not 1 <= devices <= len(available):
+        raise ValueError(f"--devices={devices} must be between 1 and the {len(available)} "
+                         f"{available[0].platform} devices available.")
+    if steps < 1:
+        raise ValueError(f"--steps={steps} must be at least 1.")
+    cfg = load(model, overrides)
+    mesh_shape = config_lib.validate(cfg, devices)
+    mesh = sharding.make_mesh(cfg, devices=available[:devices])
+    device = available[0]
+    matmul = metrics.measured_matmul_flops()
+    # On CPU the peak *is* the measured matmul rate (metrics.py); don't measure it twice.
+    peak = matmul if device.platform == "cpu" else metrics.peak_flops_per_device(device)
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
+        fns = train.compile_fns(cfg, mesh)
+        state = fns.init()
+        batch = sharding.to_global(synthetic_batch(cfg), mesh)
+        start = time.perf_counter()
+        lowered = fns.step.lower(state, batch)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        compiled_at = time.perf_counter()
+        times = []
+        for i in range(WARMUP_STEPS + steps):
+            start_step = time.perf_counter()
+            state, step_metrics = compiled(state, batch)
+            jax.block_until_ready((state, step_metrics))
+            if i >= WARMUP_STEPS:
+                times.append(time.perf_counter() - start_step)
+        loss = float(step_metrics["train/loss"])
+
+    seq_len, batch_size = cfg.data.seq_len, cfg.data.global_batch_size
+    step_s = statistics.median(times)
+    tokens_per_s = batch_size * seq_len / step_s
+    per_token = flops.flops_per_token(cfg.model, seq_len)
+    return {
+        "model": model,
+        "devices": devices,
+        "backend": device.platform,
+        "device_kind": device.device_kind,
+        "mesh": dict(zip(sharding.AXES, mesh_shape, strict=True)),
+        "params": flops.count_params(cfg.model)["total"],
+        "seq_len": seq_len,
+        "global_batch_size": batch_size,
+        "steps": steps,
+        "lower_s": lowered_at - start,
+        "compile_s": compiled_at - start,  # lower + compile: what a run waits before step 1
+        "step_s": step_s,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": per_token,
+        "flop_convention": FLOP_CONVENTION,
+        "model_flops_per_s": per_token * tokens_per_s,
+        "peak_flops_per_device": peak,
+        "mfu": per_token * tokens_per_s / (peak * devices),
+        "matmul_peak_gflops": matmul / 1e9,
+        **_memory(compiled),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "loss": loss,
+        "architecture": flops.describe(cfg.model),
+    }
+
+
+def table(r: dict) -> str:
+    """`run`'s dict as aligned text a person reads."""
+    mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
+    peak_source = "measured f32 matmul" if r["backend"] == "cpu" else "datasheet"
+    rows = [
+        ("model", f"{r['model']}: {r['architecture']}"),
+        ("params", f"{r['params']:,}"),
+        ("devices", f"{r['devices']} x {r['device_kind']} ({r['backend']}), mesh "
+                    + " ".join(f"{k}={v}" for k, v in r["mesh"].items())),
+        ("batch", f"{r['global_batch_size']} x {r['seq_len']} tokens"),
+        ("compile", f"{r['compile_s']:.2f} s  (lower {r['lower_s']:.2f} s)"),
+        ("step", f"{r['step_s'] * 1e3:,.1f} ms  median of {r['steps']} "
+                 f"(min {r['step_s_min'] * 1e3:,.1f}, max {r['step_s_max'] * 1e3:,.1f})"),
+        ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
+        ("FLOPs/token", f"{r['flops_per_token']:.4g}  ({r['flop_convention']})"),
+        ("model FLOP/s", f"{r['model_flops_per_s'] / 1e9:,.1f} GFLOP/s"),
+        ("MFU", f"{r['mfu']:.1%}  of {r['devices']} x "
+                f"{r['peak_flops_per_device'] / 1e9:,.1f} GFLOP/s ({peak_source})"),
+        ("matmul peak", f"{r['matmul_peak_gflops']:,.1f} GFLOP/s  (jitted f32 1024^2 matmul)"),
+        ("memory/device", f"temp {mib(r['temp_bytes'])}, arguments {mib(r['argument_bytes'])}, "
+                          f"outputs {mib(r['output_bytes'])}"),
+        ("peak RSS", f"{r['peak_rss_mb']:,.0f} MB"),
+        ("final loss", f"{r['loss']:.4f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(model: str, devices: int, steps: int, overrides: list[str]) -> None:
+    result = run(model, devices, steps, overrides)
+    print(table(result))
+    print(json.dumps(result), flush=True)

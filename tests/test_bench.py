@@ -1,0 +1,69 @@
+"""`lmjax bench` reports consistent figures; timings themselves are never asserted."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from lmjax import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model.vocab_size=256", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
+        "model.num_kv_heads=2", "model.head_dim=16", "model.mlp_dim=64", "data.seq_len=32"]
+KEYS = {"model", "devices", "backend", "device_kind", "params", "flops_per_token", "step_s",
+        "compile_s", "tokens_per_s", "mfu", "matmul_peak_gflops", "peak_flops_per_device",
+        "peak_rss_mb", "temp_bytes", "argument_bytes", "output_bytes", "loss"}
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_figures_are_consistent(devices):
+    r = bench.run("bench", devices, steps=2, overrides=TINY)
+    assert KEYS <= r.keys()
+    assert r["devices"] == devices and r["mesh"]["data"] == devices
+    assert r["seq_len"] == 32 and r["global_batch_size"] == 8
+    assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_s"])
+    assert r["mfu"] == pytest.approx(
+        r["flops_per_token"] * r["tokens_per_s"] / (r["peak_flops_per_device"] * devices))
+    assert r["compile_s"] >= r["lower_s"] > 0
+    assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
+    assert r["peak_rss_mb"] > 0 and r["matmul_peak_gflops"] > 0
+    assert r["loss"] == pytest.approx(r["loss"])  # finite
+    json.dumps(r)  # the dict is the JSON line
+
+
+def test_named_models_come_from_the_config_files():
+    names = bench.models()
+    assert {"bench", "gpt2-small", "gpt2-xl", "llama-tiny", "llama-7b"} <= names.keys()
+    cfg = bench.load("gpt2-small")
+    assert cfg.data.source == "synthetic" and cfg.model.d_model == 768  # shapes kept
+
+
+def test_unknown_model_lists_the_names():
+    with pytest.raises(ValueError, match=r"Unknown model 'gpt3'.*bench, gpt2-small"):
+        bench.run("gpt3", 1, 1)
+
+
+def test_more_devices_than_available_is_refused():
+    n = len(jax.devices())
+    with pytest.raises(ValueError, match=rf"--devices={n + 1} must be between 1 and the {n}"):
+        bench.run("bench", n + 1, 1, TINY)
+
+
+def test_missing_configs_folder_says_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "CONFIGS", str(tmp_path / "configs"))
+    with pytest.raises(FileNotFoundError, match="source checkout"):
+        bench.models()
+
+
+def test_command_prints_json_last():
+    overrides = [f"--config.{o}" for o in TINY]
+    out = subprocess.run(
+        [sys.executable, "-m", "lmjax", "bench", "--model=bench", "--steps=1", *overrides],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
+    lines = out.stdout.strip().splitlines()
+    r = json.loads(lines[-1])
+    assert r["model"] == "bench" and r["devices"] == 1 and r["tokens_per_s"] > 0
+    assert any(line.startswith("MFU") for line in lines[:-1])  # the table came first

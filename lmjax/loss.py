@@ -26,7 +26,7 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
     correct = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
     aux = {
         "loss": nll,
-        "z_loss": z,
+        "log_z_squared": z,  # the z-loss term before its coefficient
         "accuracy": (correct * weights_BL).sum() / num_tokens,
         "num_tokens": weights_BL.sum(),
     }

@@ -106,11 +106,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """
     devices = jax.devices() if devices is None else devices
     config_lib.validate(cfg, len(devices))
+    mesh = sharding.make_mesh(cfg, devices)
+    data = pipeline.build(cfg, jax.process_index(), jax.process_count())  # checks data, tokenizer
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         config_lib.save(cfg, os.path.join(workdir, "config.json"))
-    mesh = sharding.make_mesh(cfg, devices)
-    data = pipeline.build(cfg, jax.process_index(), jax.process_count())
     if data.tokenizer is not None and jax.process_index() == 0:
         with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
             f.write(data.tokenizer.serialized())

@@ -18,7 +18,7 @@ def test_cross_entropy_golden():
     total, aux = loss.cross_entropy(jnp.array(logits), jnp.array(targets), jnp.array(weights),
                                     z_loss=1e-2)
     assert float(aux["loss"]) == pytest.approx(want, rel=1e-6)
-    assert float(aux["z_loss"]) == pytest.approx(want_z, rel=1e-6)
+    assert float(aux["log_z_squared"]) == pytest.approx(want_z, rel=1e-6)
     assert float(total) == pytest.approx(want + 1e-2 * want_z, rel=1e-6)
     acc = ((logits.argmax(-1) == targets) * weights).sum() / weights.sum()
     assert float(aux["accuracy"]) == pytest.approx(acc)

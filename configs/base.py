@@ -42,12 +42,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
-    d.source = "text"  # 'text' (local UTF-8 files) | 'synthetic' (random tokens, for benchmarks)
+    d.source = "text"  # 'text' (local UTF-8 files) | 'tfds' (a prepared TFDS dataset) | 'synthetic'
     d.text = "shakespeare"  # name of a text shipped in lmjax/data/text, or a glob of local files
     d.tokenizer = "shakespeare_bpe2048"  # shipped model name, or a path to a SentencePiece .model
     d.seq_len = 256  # L: tokens per training example (the model sees L inputs, predicts L targets)
     d.global_batch_size = 32  # B: sequences per optimizer step, over all hosts and devices
     d.eval_fraction = 0.05  # tail of the text held out for evaluation
+    d.segment_mask = False  # batches carry segment_ids/positions: attend within a document only
+    d.tfds_name = ""  # source='tfds': a prepared dataset ('lm1b', or one `lmjax data build` made)
+    d.tfds_data_dir = ""  # where it was prepared; '' = TFDS's default (~/tensorflow_datasets)
+    d.tfds_feature = "text"  # the feature holding each document's text (lm1b, c4, wikipedia)
+    d.train_split = "train"  # TFDS split read for training; slices work ('train[:1%]')
+    d.eval_split = "validation"  # TFDS split of the held-out batches; '' = no eval batches
+    d.read_threads = 2  # grain threads reading and tokenizing documents (tfds source)
+    d.prefetch = 64  # documents read ahead per process (tfds source)
+    d.worker_count = 0  # grain worker processes after packing; 0 = in the training process
 
     # ---------------------------------------------------------------- mesh
     s = c.mesh = ml_collections.ConfigDict()
@@ -74,10 +83,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- train
     t = c.train = ml_collections.ConfigDict()
     t.steps = 1000  # optimizer steps (the schedule's length)
+    t.tokens_budget = 0.0  # > 0: train.steps := tokens / tokens per step (scaling studies); 0 = off
+    t.flops_budget = 0.0  # > 0: train.steps := FLOPs / FLOPs per step (lmjax/flops.py); 0 = off
     t.grad_accum = 1  # micro-batches per step, accumulated inside the jitted step
     t.log_every = 10  # steps between metrics.jsonl rows and progress-bar refreshes
     t.eval_every = 200  # steps between held-out evaluations (0 = only at the end)
     t.eval_batches = 8  # batches of the held-out split per evaluation
+    t.on_nonfinite = "stop"  # NaN/Inf loss or grad norm: 'stop' the run | 'skip' the update
+    t.spike_factor = 0.0  # stop if a loss exceeds this x the mean of the last 20 (0 = off)
 
     # ---------------------------------------------------------------- checkpoint
     k = c.checkpoint = ml_collections.ConfigDict()

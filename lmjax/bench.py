@@ -32,7 +32,7 @@ from lmjax import flops, metrics, sharding, train
 from lmjax.data import sources
 
 WARMUP_STEPS = 2
-FLOP_CONVENTION = "6N + 6*layers*T*d_attn per token (lmjax/flops.py)"
+FLOP_CONVENTION = "6N + 6·layers·T·d_attn per token, lmjax/flops.py"
 # configs/ of the checkout this package was imported from (named models are config files).
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(lmjax.__file__))),
                        "configs")
@@ -100,6 +100,7 @@ def run(model: str, devices: int, steps: int,
     matmul = metrics.measured_matmul_flops()
     # On CPU the peak *is* the measured matmul rate (metrics.py); don't measure it twice.
     peak = matmul if device.platform == "cpu" else metrics.peak_flops_per_device(device)
+    on_datasheet = any(device.device_kind.startswith(kind) for kind in metrics.PEAK_FLOPS)
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
         fns = train.compile_fns(cfg, mesh)
@@ -110,13 +111,14 @@ def run(model: str, devices: int, steps: int,
         lowered_at = time.perf_counter()
         compiled = lowered.compile()
         compiled_at = time.perf_counter()
-        times = []
+        times, cpu_s = [], 0.0
         for i in range(WARMUP_STEPS + steps):
-            start_step = time.perf_counter()
+            start_step, start_cpu = time.perf_counter(), time.process_time()
             state, step_metrics = compiled(state, batch)
             jax.block_until_ready((state, step_metrics))
             if i >= WARMUP_STEPS:
                 times.append(time.perf_counter() - start_step)
+                cpu_s += time.process_time() - start_cpu
         loss = float(step_metrics["train/loss"])
 
     seq_len, batch_size = cfg.data.seq_len, cfg.data.global_batch_size
@@ -143,9 +145,14 @@ def run(model: str, devices: int, steps: int,
         "flop_convention": FLOP_CONVENTION,
         "model_flops_per_s": per_token * tokens_per_s,
         "peak_flops_per_device": peak,
+        "peak_source": "datasheet" if on_datasheet else "measured f32 matmul",
         "mfu": per_token * tokens_per_s / (peak * devices),
         "matmul_peak_gflops": matmul / 1e9,
         **_memory(compiled),
+        # Process CPU seconds per wall second while timing: on a CPU backend, the cores this run
+        # really had. Below the core count, another process shared the machine.
+        "cpu_util": cpu_s / sum(times),
+        "host_cores": os.cpu_count(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "loss": loss,
         "architecture": flops.describe(cfg.model),
@@ -155,7 +162,6 @@ def run(model: str, devices: int, steps: int,
 def table(r: dict) -> str:
     """`run`'s dict as aligned text a person reads."""
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
-    peak_source = "measured f32 matmul" if r["backend"] == "cpu" else "datasheet"
     rows = [
         ("model", f"{r['model']}: {r['architecture']}"),
         ("params", f"{r['params']:,}"),
@@ -169,11 +175,13 @@ def table(r: dict) -> str:
         ("FLOPs/token", f"{r['flops_per_token']:.4g}  ({r['flop_convention']})"),
         ("model FLOP/s", f"{r['model_flops_per_s'] / 1e9:,.1f} GFLOP/s"),
         ("MFU", f"{r['mfu']:.1%}  of {r['devices']} x "
-                f"{r['peak_flops_per_device'] / 1e9:,.1f} GFLOP/s ({peak_source})"),
+                f"{r['peak_flops_per_device'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})"),
         ("matmul peak", f"{r['matmul_peak_gflops']:,.1f} GFLOP/s  (jitted f32 1024^2 matmul)"),
         ("memory/device", f"temp {mib(r['temp_bytes'])}, arguments {mib(r['argument_bytes'])}, "
                           f"outputs {mib(r['output_bytes'])}"),
         ("peak RSS", f"{r['peak_rss_mb']:,.0f} MB"),
+        ("host CPU", f"{r['cpu_util']:.2f} s of process CPU time per s of step "
+                     f"({r['host_cores']} cores)"),
         ("final loss", f"{r['loss']:.4f}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -3,13 +3,29 @@
 Saving the iterator with the weights makes resume exact by construction (nanodo): the batch
 after a restore is the one that would have come next. Restoring passes abstract targets that
 carry the current mesh's shardings, so a checkpoint written on one mesh loads onto any other.
+
+A step directory only appears once Orbax has renamed it from its temporary name, so a crash
+mid-write leaves no half step behind. What can still go wrong after that (a truncated file, a
+disk that lied, a copy that stopped short) is caught by a third item, `integrity`: a per-leaf
+checksum of the state written with it and compared on restore. Restore then falls back to the
+newest step that reads back whole. Nothing is ever deleted for being unreadable; steps newer
+than the one restored are moved to `corrupt_checkpoints/` so their step numbers can be saved
+again. Checkpoints are tensorstore arrays and JSON: loading one runs no code and no pickle.
 """
 
+import gc
+import json
+import logging
 import os
+import shutil
+import sys
 
+import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 
@@ -18,27 +34,204 @@ def manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManag
         max_to_keep=cfg.max_to_keep,
         enable_async_checkpointing=cfg.async_save,
         create=True,
+        cleanup_tmp_directories=True,  # unfinished writes of a killed run; never a whole step
     )
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options, item_names=("state", "data"))
+                                 options=options, item_names=("state", "data", "integrity"))
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """Wrapping uint32 sum of the bit patterns: exact in any order, so equal on any mesh."""
+    if x.dtype.itemsize == 8:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+        words = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return jnp.sum(words.astype(jnp.uint32), dtype=jnp.uint32)
+
+
+def _leaf_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+
+
+@jax.jit
+def _fingerprint(pure_state: dict) -> tuple[dict, dict]:
+    return jax.tree.map(_leaf_checksum, pure_state), jax.tree.map(_leaf_finite, pure_state)
+
+
+def _named(tree: dict) -> dict[str, object]:
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def fingerprint(state: nnx.State) -> tuple[dict[str, int], list[str]]:
+    """Per-leaf checksums ('path/to/leaf' -> int) and the paths of leaves holding NaN or Inf."""
+    checksums, finite = jax.device_get(_fingerprint(nnx.to_pure_dict(state)))
+    return ({k: int(v) for k, v in _named(checksums).items()},
+            [k for k, ok in _named(finite).items() if not ok])
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, data_state: dict) -> None:
-    """Start writing (asynchronously if configured); the train loop keeps going meanwhile."""
+    """Start writing (asynchronously if configured); the train loop keeps going meanwhile.
+
+    Refuses a state with NaN or Inf anywhere: a checkpoint must always be a safe place to resume.
+    """
+    checksums, nonfinite = fingerprint(state)
+    if nonfinite:
+        raise FloatingPointError(f"Not saving step {step}: {len(nonfinite)} state leaves hold "
+                                 f"NaN or Inf, first {nonfinite[0]!r}.")
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-        data=ocp.args.JsonSave(data_state)), force=True)
+        data=grain.checkpoint.CheckpointSave(ProcessData(data_state)),
+        integrity=ocp.args.JsonSave({"checksums": checksums})), force=True)
+
+
+class ProcessData:
+    """This process's data-iterator state, in the form grain's Orbax handler saves: one JSON
+    file per process (`process_i-of-n.json`), because packed sources stand at a different
+    document on each process. Restoring therefore needs the same process count."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, raw: bytes) -> None:
+        self.state = json.loads(raw)
+
+    def start_prefetch(self) -> None:  # grain's handler calls it after set_state
+        pass
+
+
+def _check_shapes(mngr: ocp.CheckpointManager, step: int, target: dict) -> None:
+    """Compare stored shapes with the config's before reading any array: a changed model is
+    named plainly, and no half-started read is left behind."""
+    path = epath.Path(str(mngr.directory)) / str(step) / "state"
+    for name in ("_METADATA", "manifest.ocdbt"):  # checked here: tensorstore's own error is a page
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path / name} is missing")
+    stored = {k: tuple(v.shape) for k, v in
+              _named(ocp.StandardCheckpointHandler().metadata(path)).items()}
+    for name, leaf in _named(target).items():
+        if stored.get(name) != tuple(leaf.shape):
+            raise ValueError(f"leaf {name!r} is stored with shape {stored.get(name)}, but this "
+                             f"config makes {tuple(leaf.shape)}")
+
+
+def _restore_step(mngr, abstract_state, step) -> tuple[nnx.State, dict]:
+    target = nnx.to_pure_dict(abstract_state)
+    _check_shapes(mngr, step, target)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=grain.checkpoint.CheckpointRestore(ProcessData()),
+        integrity=ocp.args.JsonRestore()))
+    state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
+    nnx.replace_by_pure_dict(state, restored["state"])
+    stored = restored["integrity"]["checksums"]
+    checksums, nonfinite = fingerprint(state)
+    for name, value in checksums.items():
+        if stored.get(name) != value:
+            raise ValueError(f"leaf {name!r} reads back with checksum {value}, "
+                             f"not the {stored.get(name)} written")
+    if nonfinite:
+        raise ValueError(f"leaf {nonfinite[0]!r} holds NaN or Inf")
+    return state, restored["data"].state
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: nnx.State,
             step: int | None = None) -> tuple[nnx.State, dict, int] | None:
-    """The latest (or given) checkpoint laid out like `abstract_state`, or None if there is none."""
+    """The newest valid (or the given) checkpoint laid out like `abstract_state`; None if none.
+
+    An unreadable step is reported by a warning naming the problem and skipped. If no step is
+    valid the run stops (starting afresh would silently change the result) and nothing moves.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    problems = {}
+    for candidate in steps:
+        try:
+            state, data_state = _restore_step(mngr, abstract_state, candidate)
+        except Exception as e:  # noqa: BLE001 - whatever the cause, this step cannot be resumed
+            problems[candidate] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(f"warning: checkpoint step {candidate} in {mngr.directory} is unusable "
+                  f"({problems[candidate]}); trying an older one.")
+        if candidate in problems:
+            _collect_quietly()
+            continue
+        if problems:
+            _set_aside(mngr, problems)
+        return state, data_state, candidate
+    if problems:
+        listed = "; ".join(f"step {s}: {p}" for s, p in problems.items())
+        raise ValueError(f"No checkpoint in {mngr.directory} can be restored ({listed}).")
+    return None
+
+
+def _collect_quietly() -> None:
+    """A failed read leaves Orbax's other read futures unretrieved; collect them now, so that
+    their 'exception never retrieved' reports do not bury the one warning that matters."""
+    asyncio_log, hook = logging.getLogger("asyncio"), sys.unraisablehook
+    level, sys.unraisablehook = asyncio_log.level, lambda unraisable: None
+    asyncio_log.setLevel(logging.CRITICAL)
+    try:
+        gc.collect()
+    finally:
+        asyncio_log.setLevel(level)
+        sys.unraisablehook = hook
+
+
+def _set_aside(mngr: ocp.CheckpointManager, problems: dict[int, str]) -> None:
+    """Move unusable steps out of the way (never delete them), so they can be written again."""
+    if jax.process_index() == 0:
+        aside = os.path.join(os.path.dirname(str(mngr.directory)), "corrupt_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        for step in problems:
+            target = os.path.join(aside, f"{step}.{len(os.listdir(aside))}")
+            shutil.move(os.path.join(str(mngr.directory), str(step)), target)
+            print(f"warning: moved checkpoint step {step} to {target}.")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lmjax_set_aside_corrupt_checkpoints")
+    mngr.reload()
+
+
+def load_for_inference(workdir: str, step: int | None = None,
+                       mesh: jax.sharding.Mesh | None = None):
+    """(model, cfg, tokenizer or None) of a run, for eval, sample and convert.
+
+    Restores only the model: the 'state' item is `to_pure_dict(state((model, optimizer)))`, so
+    its key 0 is read (Orbax partial restore) and the optimizer's moments never leave the disk.
+    Parameters are laid out on `mesh` by the run's logical-axis rules (default: the first
+    device alone), as training lays them out.
+    """
+    from jax.sharding import AxisType
+
+    from lmjax import config, sharding
+    from lmjax.data.tokenizer import Tokenizer
+    from lmjax.model import Transformer
+
+    cfg = config.from_workdir(workdir)  # config.json over base.py's defaults
+    mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=ocp.CheckpointManagerOptions(create=False),
+                                 item_names=("state",))
     step = mngr.latest_step() if step is None else step
-    if step is None:
-        return None
-    target = nnx.to_pure_dict(abstract_state)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
-    nnx.replace_by_pure_dict(state, restored["state"])
-    return state, restored["data"], step
+    if step is None or step not in mngr.all_steps():
+        raise FileNotFoundError(f"{workdir}/checkpoints has no checkpoint "
+                                f"{'at all' if step is None else f'for step {step}'}.")
+    if mesh is None:
+        mesh = jax.make_mesh((1, 1, 1), sharding.AXES, axis_types=(AxisType.Auto,) * 3,
+                             devices=jax.devices()[:1])
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
+        shardings = nnx.get_named_sharding(state, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, shardings)
+    target = {0: nnx.to_pure_dict(state)}
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    mngr.close()
+    nnx.replace_by_pure_dict(state, restored["state"][0])
+    tokenizer_path = os.path.join(workdir, "tokenizer.model")
+    tokenizer = Tokenizer.load(tokenizer_path) if os.path.isfile(tokenizer_path) else None
+    return nnx.merge(graphdef, state), cfg, tokenizer

@@ -4,6 +4,7 @@ Config overrides are taken out of argv before absl parses the rest, so that a mi
 one sentence naming it (and a close match) instead of a traceback.
 """
 
+import json
 import sys
 
 from absl import app, flags, logging
@@ -12,13 +13,55 @@ COMMANDS = {
     "train": "train a model in --workdir (resumes if it holds a checkpoint)",
     "info": "print parameter counts and FLOPs per token of a config",
     "bench": "measure training throughput of a named model on synthetic data",
+    "sweep": "train every member of --sweep=FILE under --root (skips finished, resumes the rest)",
+    "fit": "fit scaling laws to the runs under --root; write results, table and figures",
+    "tokenizer": "tokenizer train --input=GLOB --vocab_size=N --out=PREFIX [--model_type=unigram]",
+    "data": "data build --input=GLOB --name=NAME --data_dir=DIR | data corpus --out=DIR "
+            "| data bench --input=GLOB --tokenizer=PATH",
+    "eval": "loss, perplexity, bits/byte, accuracy (± s.e.) of --workdir [--split|--text]",
+    "sample": "continue --prompt=TEXT with the model of --workdir, streamed to the terminal",
+    "convert": "--from_hf=HF_DIR --workdir=OUT | --to_hf --workdir=DIR --out=HF_DIR",
 }
 
 flags.DEFINE_string("config", None, "Config file, optionally with an argument: configs/x.py:arg")
 flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints/, metrics.jsonl")
+flags.DEFINE_bool("force_resume", False,
+                  "train: continue a workdir whose config.json differs in keys that matter")
 flags.DEFINE_string("model", "bench", "bench: the named model to measure")
 flags.DEFINE_integer("devices", 1, "bench: how many devices to use")
 flags.DEFINE_integer("steps", 10, "bench: timed steps after warm-up")
+flags.DEFINE_string("sweep", None, "sweep: a config file that also has get_sweep()")
+flags.DEFINE_string("root", None, "sweep, fit: folder holding one workdir per sweep member")
+flags.DEFINE_enum("runner", "local", ["local", "tpu"], "sweep: where members train")
+flags.DEFINE_integer("parallel", 1, "sweep: members trained at once (local runner)")
+flags.DEFINE_bool("dry_run", False, "sweep: print the members' commands, run nothing")
+flags.DEFINE_string("tpu", "", "sweep: TPU VM name for --runner=tpu")
+flags.DEFINE_string("method", "all", "fit: kaplan | approach1 | approach2 | approach3 | all")
+flags.DEFINE_string("params", "non_embedding", "fit: N is 'non_embedding' or 'total' params")
+flags.DEFINE_integer("bootstrap", 200, "fit: bootstrap resamples for 95% intervals (0 = none)")
+flags.DEFINE_string("out", "", "fit: output folder (default <root>/fit)")
+flags.DEFINE_string("input", None, "tokenizer, data: text files (a glob or a directory)")
+flags.DEFINE_integer("vocab_size", 8192, "tokenizer train: vocabulary size")
+flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "tokenizer train: SentencePiece model")
+flags.DEFINE_string("name", None, "data build: TFDS dataset name (snake_case)")
+flags.DEFINE_string("data_dir", None, "data build: TFDS data_dir to write into")
+flags.DEFINE_enum("per", "file", ["file", "paragraph"], "data build: one document per file or "
+                  "per blank-line-separated paragraph")
+flags.DEFINE_float("eval_fraction", 0.05, "data build: last fraction of documents held out")
+flags.DEFINE_string("cache", "~/.cache/lmjax/corpus", "data corpus: downloaded .debs, unpacked")
+flags.DEFINE_string("tokenizer", None, "data bench: SentencePiece .model to encode with")
+flags.DEFINE_integer("step", None, "eval, sample, convert --to_hf: checkpoint step (default: last)")
+flags.DEFINE_enum("split", "eval", ["eval", "train", "all"], "eval: which part of the run's text")
+flags.DEFINE_string("text", None, "eval: score all of these UTF-8 files (shipped name or glob)")
+flags.DEFINE_integer("batches", 0, "eval: at most this many global batches (0 = all rows)")
+flags.DEFINE_multi_string("prompt", [], "sample: text to continue (repeat for a batch)")
+flags.DEFINE_integer("max_new_tokens", 200, "sample: tokens generated after each prompt")
+flags.DEFINE_float("temperature", 0.8, "sample: softmax temperature; 0 = greedy")
+flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0 = all)")
+flags.DEFINE_float("top_p", 0.95, "sample: keep the smallest set of tokens with this mass")
+flags.DEFINE_integer("seed", 0, "sample: random seed")
+flags.DEFINE_string("from_hf", None, "convert: Hugging Face directory to import into --workdir")
+flags.DEFINE_bool("to_hf", False, "convert: export --workdir to a Hugging Face directory --out")
 FLAGS = flags.FLAGS
 
 
@@ -40,13 +83,19 @@ def _load_config(overrides: list[str]):
     return config.load(FLAGS.config, overrides)
 
 
-def _run(command: str, overrides: list[str]) -> None:
-    if command == "train":
+def _run(command: str, overrides: list[str], args: list[str] = ()) -> None:
+    if command in ("eval", "sample", "convert"):
+        _inference(command, overrides)
+    elif command in ("tokenizer", "data"):
+        from lmjax.data import commands
+
+        commands.run(command, list(args), FLAGS)
+    elif command == "train":
         from lmjax import train
 
         if not FLAGS.workdir:
             raise app.UsageError("--workdir is required for train.")
-        train.run(_load_config(overrides), FLAGS.workdir)
+        train.run(_load_config(overrides), FLAGS.workdir, force_resume=FLAGS.force_resume)
     elif command == "info":
         from lmjax import flops
 
@@ -55,6 +104,54 @@ def _run(command: str, overrides: list[str]) -> None:
         from lmjax import bench
 
         bench.main(FLAGS.model, FLAGS.devices, FLAGS.steps, overrides)
+    elif command in ("sweep", "fit"):
+        if not FLAGS.root or (command == "sweep" and not FLAGS.sweep):
+            raise app.UsageError(f"{command} needs --root" + (" and --sweep=FILE." if command ==
+                                                              "sweep" else "."))
+        if command == "fit":
+            from lmjax.scaling import report
+
+            print(report.summary(report.analyze(FLAGS.root, FLAGS.method, FLAGS.out,
+                                                FLAGS.params, FLAGS.bootstrap)))
+            return
+        from lmjax.scaling import sweep
+
+        if FLAGS.runner == "tpu":
+            status = sweep.run_tpu(FLAGS.sweep, FLAGS.root, FLAGS.tpu, FLAGS.dry_run)
+        else:
+            status = sweep.run_local(FLAGS.sweep, FLAGS.root, FLAGS.parallel, FLAGS.dry_run)
+        failed = sorted(name for name, s in status.items() if s == "failed")
+        if failed:
+            raise ValueError(f"{len(failed)} member(s) failed: {', '.join(failed)} (see their "
+                             "train.log); re-run the same command to retry them.")
+
+
+def _inference(command: str, overrides: list[str]) -> None:
+    if not FLAGS.workdir:
+        raise app.UsageError(f"--workdir is required for {command}.")
+    if command == "eval":
+        from lmjax import evaluate
+
+        result = evaluate.evaluate(FLAGS.workdir, split=FLAGS.split, text=FLAGS.text,
+                                   step=FLAGS.step, batches=FLAGS.batches,
+                                   overrides=tuple(overrides))
+        print(evaluate.report(result))
+        print(json.dumps(result))
+    elif command == "sample":
+        from lmjax import sample
+
+        sample.main(FLAGS.workdir, FLAGS.prompt, step=FLAGS.step,
+                    max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                    top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+    else:
+        from lmjax.interop import hf
+
+        if bool(FLAGS.from_hf) == FLAGS.to_hf or (FLAGS.to_hf and not FLAGS.out):
+            raise app.UsageError("convert needs --from_hf=HF_DIR, or --to_hf with --out=HF_DIR.")
+        if FLAGS.from_hf:
+            hf.convert_from_hf(FLAGS.from_hf, FLAGS.workdir)
+        else:
+            hf.convert_to_hf(FLAGS.workdir, FLAGS.out, FLAGS.step)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,12 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     command = argv.pop(1)
     rest, overrides = _split_overrides(argv)
 
-    def absl_main(_):
+    def absl_main(args):
         if not any(a.startswith(("--verbosity", "-v")) for a in rest):
             logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
         try:
-            _run(command, overrides)
-        except (ValueError, KeyError, FileNotFoundError) as e:
+            _run(command, overrides, args[1:])
+        except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else e
             sys.exit(f"lmjax {command}: {message}")
 

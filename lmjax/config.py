@@ -15,7 +15,7 @@ import sys
 import jax.numpy as jnp
 import ml_collections
 
-from lmjax import attention, optim, sharding
+from lmjax import attention, flops, optim, sharding
 
 CHOICES = {
     "model.mlp": ("swiglu", "gelu"),
@@ -23,30 +23,61 @@ CHOICES = {
     "model.position": ("rope", "learned", "sinusoidal", "none"),
     "model.attention": attention.IMPLEMENTATIONS,
     "model.remat": ("none", "full", "dots_saveable"),
-    "data.source": ("text", "synthetic"),
+    "data.source": ("text", "tfds", "synthetic"),
     "mesh.rules": tuple(sharding.RULES),
     "optim.schedule": optim.SCHEDULES,
+    "train.on_nonfinite": ("stop", "skip"),
 }
 
 
 def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-    """`spec` is `path/to/file.py` or `path/to/file.py:arg`; overrides are `a.b=value` strings."""
+    """`spec` is `path/to/file.py`, `path/to/file.py:arg` or a run's `config.json`; overrides
+    are `a.b=value` strings."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Config file {path!r} does not exist.")
-    cfg = _import(path).get_config(arg) if arg else _import(path).get_config()
+    if path.endswith(".json"):  # a workdir's config.json: finetune a converted or finished run
+        cfg = _over_defaults(path)
+    else:
+        cfg = _import(path).get_config(arg) if arg else _import(path).get_config()
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"Override {item!r} must look like key.subkey=value.")
         set_value(cfg, key, value)
+    apply_budget(cfg)
     cfg.lock()
     return cfg
 
 
+def budget_steps(cfg: ml_collections.ConfigDict) -> int | None:
+    """Steps that spend train.tokens_budget or train.flops_budget (None when both are 0): a
+    scaling study holds tokens or FLOPs fixed, not steps. Rounded to the nearest step, so the
+    spend is within half a step of the budget; FLOPs in lmjax/flops.py's convention."""
+    t, d = cfg.train, cfg.data
+    if t.tokens_budget and t.flops_budget:
+        raise ValueError("Set train.tokens_budget or train.flops_budget, not both.")
+    if t.tokens_budget < 0 or t.flops_budget < 0:
+        raise ValueError("train.tokens_budget and train.flops_budget must be >= 0 (0 = off).")
+    tokens_per_step = d.global_batch_size * d.seq_len
+    if t.tokens_budget:
+        return max(1, round(t.tokens_budget / tokens_per_step))
+    if t.flops_budget:
+        per_step = flops.flops_per_token(cfg.model, d.seq_len) * tokens_per_step
+        return max(1, round(t.flops_budget / per_step))
+    return None
+
+
+def apply_budget(cfg: ml_collections.ConfigDict) -> None:
+    """Set train.steps from a token or FLOP budget, if one is set (`load` calls this)."""
+    steps = budget_steps(cfg)
+    if steps is not None:
+        cfg.train.steps = steps
+
+
 def _import(path: str):
     """Run a config file with its folder's parent on sys.path: `from configs import base` works."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    root = _root(path)
     sys.path.insert(0, root)
     try:
         module_spec = importlib.util.spec_from_file_location(
@@ -56,6 +87,17 @@ def _import(path: str):
     finally:
         sys.path.remove(root)
     return module
+
+
+def _root(path: str) -> str:
+    """The nearest folder above `path` that holds configs/, so that configs/x.py and
+    experiments/<study>/sweep.py alike can `from configs import base`; else its grandparent."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(os.path.join(folder, "configs")):
+        if os.path.dirname(folder) == folder:
+            return os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        folder = os.path.dirname(folder)
+    return folder
 
 
 def set_value(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
@@ -123,6 +165,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...
         raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}.")
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"model.dropout={m.dropout} must be in [0, 1).")
+    if t.spike_factor and t.spike_factor <= 1.0:
+        raise ValueError(f"train.spike_factor={t.spike_factor} must be above 1 (or 0 = off).")
+    steps = budget_steps(cfg)
+    if steps is not None and steps != t.steps:
+        raise ValueError(f"train.steps={t.steps} disagrees with the budget, which gives {steps} "
+                         "steps; call config.apply_budget(cfg) (config.load does).")
     if o.warmup_steps > t.steps:
         raise ValueError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}.")
 
@@ -148,6 +196,41 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...
     return shape
 
 
+# Keys a resumed run may change: lengths, cadences, layout and kernels. Everything else
+# (model, data, optimizer, seed) changes what the checkpoint means, so resuming with it is
+# refused unless forced. train.steps may grow: the schedule is recomputed for the new length.
+RESUMABLE = ("train.steps", "train.tokens_budget", "train.flops_budget", "train.log_every",
+             "train.eval_every", "train.eval_batches", "train.grad_accum", "train.on_nonfinite",
+             "train.spike_factor", "checkpoint.",
+             "mesh.", "model.attention", "model.remat", "data.read_threads", "data.prefetch",
+             "data.worker_count")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_conflicts(saved_path: str, cfg: ml_collections.ConfigDict) -> list[str]:
+    """The keys (sorted) whose value differs between a workdir's config.json and `cfg`, leaving
+    out those in RESUMABLE; a key present on one side only counts as differing."""
+    try:
+        with open(saved_path) as f:
+            saved = _flat(json.load(f))
+    except json.JSONDecodeError:
+        raise ValueError(f"{saved_path} is not valid JSON; it is not a workdir lmjax wrote "
+                         f"(use another --workdir).") from None
+    new = _flat(json.loads(cfg.to_json()))
+    return sorted(k for k in saved.keys() | new.keys()
+                  if saved.get(k, "<absent>") != new.get(k, "<absent>")
+                  and not k.startswith(RESUMABLE))
+
+
 def save(cfg: ml_collections.ConfigDict, path: str) -> None:
     with open(path, "w") as f:
         f.write(cfg.to_json(indent=2, sort_keys=True) + "\n")
@@ -159,3 +242,31 @@ def from_json(path: str) -> ml_collections.ConfigDict:
     cfg.lock()
     return cfg
 
+
+
+# configs/ of the checkout this package was imported from: base.py holds every default.
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    "configs", "base.py")
+
+
+def from_workdir(workdir: str) -> ml_collections.ConfigDict:
+    """A run's config.json (from_json) laid over configs/base.py, locked: keys lmjax gained
+    after the run was written read their defaults, so eval, sample and convert keep reading
+    old workdirs."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not an lmjax workdir: it has no config.json.")
+    return _over_defaults(path)
+
+
+def _over_defaults(path: str) -> ml_collections.ConfigDict:
+    cfg, saved = load(BASE), from_json(path).to_dict()
+    unknown = [group for group in saved if group not in cfg]
+    unknown += [f"{group}.{key}" for group, value in saved.items()
+                if group in cfg and isinstance(value, dict) for key in value
+                if key not in cfg[group]]
+    if unknown:
+        raise ValueError(f"{path} has key {unknown[0]!r}, which this lmjax does not know (it "
+                         "was written by another version).")
+    cfg.update(saved)
+    return cfg

@@ -60,7 +60,8 @@ class Writer:
         self.path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+                kept = [line for line in f  # no newline: a row torn by a kill mid-write
+                        if line.endswith("\n") and json.loads(line)["step"] <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()

@@ -3,11 +3,19 @@
 `train_step(state, batch) -> (state, metrics)` is jitted once with explicit shardings and the
 state donated, so parameters are updated in place. The loop never waits on the device: it
 dispatches step n, then reads step n-1's metrics (nanodo), except where it must (a save).
+
+Reliability (docs/reliability.md): a SIGTERM saves the current step and exits cleanly; a NaN or
+Inf stops the run (or skips the update) before any checkpoint can hold it; resuming a workdir
+with a config that changes what its checkpoints mean is refused unless forced.
 """
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -17,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lmjax import checkpoint, flops, loss, metrics, optim, sharding
@@ -37,10 +46,11 @@ def _loss_and_grads(graphdef, params, rest, batch, num_tokens, key, cfg):
     def loss_fn(params):
         model = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=key) if cfg.model.dropout > 0 else None
-        logits_BLV = model(batch["inputs"], rngs=rngs)
+        logits_BLV = model(batch["inputs"], batch.get("positions"), rngs=rngs,
+                           segment_ids_BL=batch.get("segment_ids"))  # present when packed
         share = batch["weights"].sum() / num_tokens  # this micro-batch's share of all tokens
         total, aux = loss.cross_entropy(logits_BLV, batch["targets"], batch["weights"],
-                                        cfg.optim.z_loss)
+                                        cfg.optim.z_loss, with_accuracy=False)
         return total * share, {k: v * share for k, v in aux.items() if k != "num_tokens"}
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -48,6 +58,8 @@ def _loss_and_grads(graphdef, params, rest, batch, num_tokens, key, cfg):
 
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *,
                cfg: ml_collections.ConfigDict) -> tuple[nnx.State, dict]:
+    # merge shares Variables with `state`, so the update below overwrites it: keep the old values
+    old = jax.tree.map(lambda x: x, state) if cfg.train.on_nonfinite == "skip" else None
     model, optimizer = nnx.merge(graphdef, state)
     step = optimizer.step[...]
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
@@ -74,18 +86,42 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *,
     out = {f"train/{k}": v for k, v in aux.items()}
     out["train/grad_norm"] = optax.tree.norm(grads)
     out["lr"] = optim.schedule(cfg.optim, cfg.train.steps)(step)
-    return nnx.state((model, optimizer)), out
+    new = nnx.state((model, optimizer))
+    if old is None:
+        return new, out
+    ok = jnp.isfinite(out["train/loss"]) & jnp.isfinite(out["train/grad_norm"])
+    out["train/skipped"] = 1.0 - ok.astype(jnp.float32)
+    return _keep_if(ok, new, old, step + 1, graphdef), out
+
+
+def _keep_if(ok: jax.Array, new: nnx.State, old: nnx.State, step: jax.Array,
+             graphdef: nnx.GraphDef) -> nnx.State:
+    """`new` where `ok`, else `old` (weights and moments untouched) with the count at `step`.
+
+    A select on the state rather than optax.apply_if_finite: it sees the loss as well as the
+    gradients and leaves the optimizer's state tree (so every checkpoint) as it is. As with
+    apply_if_finite, optax's own counts (bias correction, schedule) stay put on a skipped step;
+    the step count (checkpoint number, dropout key) advances, in line with the data position.
+    """
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    model, optimizer = nnx.merge(graphdef, kept)
+    optimizer.step[...] = step
+    return nnx.state((model, optimizer))
 
 
 def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> dict:
     """Sums over a batch, so several batches combine into one exact mean."""
     model, _ = nnx.merge(graphdef, state)
-    _, aux = loss.cross_entropy(model(batch["inputs"]), batch["targets"], batch["weights"])
+    logits_BLV = model(batch["inputs"], batch.get("positions"),
+                       segment_ids_BL=batch.get("segment_ids"))
+    _, aux = loss.cross_entropy(logits_BLV, batch["targets"], batch["weights"])
     n = aux["num_tokens"]
     return {"loss": aux["loss"] * n, "accuracy": aux["accuracy"] * n, "num_tokens": n}
 
 
 def evaluate(eval_fn, state, batches: list[dict], mesh) -> dict:
+    if not batches:  # train.eval_batches=0 or data.eval_fraction=0: nothing held out
+        return {}
     sums = [eval_fn(state, sharding.to_global(b, mesh)) for b in batches]
     total = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
     mean_loss = float(total["loss"] / total["num_tokens"])
@@ -94,28 +130,89 @@ def evaluate(eval_fn, state, batches: list[dict], mesh) -> dict:
 
 
 def _check_finite(step: int, values: dict) -> None:
-    for key, value in values.items():
-        if not np.all(np.isfinite(value)):
-            raise FloatingPointError(f"{key} is {value} at step {step}; stopping the run.")
+    """Raise naming the step and the metric; a step the jitted guard skipped only warns."""
+    bad = [key for key, value in values.items() if not np.all(np.isfinite(value))]
+    if not bad:
+        return
+    named = ", ".join(f"{key}={values[key]}" for key in bad)
+    if values.get("train/skipped") and all(key.startswith("train/") for key in bad):
+        print(f"warning: {named} at step {step}; the update was skipped.")
+        return
+    raise FloatingPointError(f"{named} at step {step}; stopping the run "
+                             f"(train.on_nonfinite='skip' skips such updates instead).")
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+def _check_spike(step: int, loss_now: float, recent, factor: float, window: int = 20) -> None:
+    """Stop when a loss exceeds `factor` x the mean of the previous `window` (all of `recent`).
+
+    Host-side and one step late, so it can stop but not undo the update; it runs before every
+    save, so the newest checkpoint predates the spike (PaLM: resume there, skip the batches).
+    """
+    if len(recent) >= window and loss_now > factor * np.mean(recent):
+        raise FloatingPointError(
+            f"train/loss is {loss_now:.4g} at step {step}, over train.spike_factor={factor} x "
+            f"the mean {np.mean(recent):.4g} of the previous {len(recent)} steps; "
+            f"stopping the run.")
+
+
+FAULT_ENV = "LMJAX_FAULT"  # test hook 'phase:N' (step|eval|save|nan|term): docs/reliability.md
+
+
+def _fault(phase: str, step: int) -> bool:
+    """Whether the fault-injection hook names this point; only reliability tests set it."""
+    return os.environ.get(FAULT_ENV) == f"{phase}:{step}"
+
+
+def _crash_if(phase: str, step: int) -> None:
+    if _fault(phase, step):  # as an OOM killer or a lost VM would: no cleanup, no flush
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sync_point(step: int) -> bool:
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+        return False
+
+
+@contextlib.contextmanager
+def _preemption_notice():
+    """Yield `preempted(step) -> bool`, to be asked once a step.
+
+    One process: SIGTERM sets a flag. Several: JAX's preemption sync point (its coordination
+    service hears SIGTERM and, on Cloud TPU, maintenance notices), which tells every host the
+    same step to stop at, so all of them take part in the same save.
+    """
+    if jax.process_count() > 1:
+        yield _sync_point
+    elif threading.current_thread() is not threading.main_thread():  # signals need the main one
+        yield lambda step: False
+    else:
+        notice = threading.Event()
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: notice.set())
+        try:
+            yield lambda step: notice.is_set()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
+        force_resume: bool = False) -> dict:
     """Train (or resume training) in `workdir`; returns the last logged metrics.
 
     `devices` (default: all) lets one process train on a subset, e.g. a 1-device baseline.
+    `force_resume` continues a workdir whose config.json differs in keys that config.RESUMABLE
+    does not allow to change.
     """
     devices = jax.devices() if devices is None else devices
     config_lib.validate(cfg, len(devices))
     mesh = sharding.make_mesh(cfg, devices)
     data = pipeline.build(cfg, jax.process_index(), jax.process_count())  # checks data, tokenizer
+    _check_resumable(cfg, workdir, data.tokenizer, force_resume)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        config_lib.save(cfg, os.path.join(workdir, "config.json"))
-    if data.tokenizer is not None and jax.process_index() == 0:
-        with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
-            f.write(data.tokenizer.serialized())
 
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
+    with (jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)),
+          _preemption_notice() as preempted):
         fns = compile_fns(cfg, mesh)
         ckpt = checkpoint.manager(workdir, cfg.checkpoint)
         restored = checkpoint.restore(ckpt, fns.abstract_state)
@@ -124,9 +221,31 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
         else:
             state, data_state, start = restored
             data.train.set_state(data_state)
+        if jax.process_index() == 0:  # only now: a failed restore leaves the workdir as it was
+            config_lib.save(cfg, os.path.join(workdir, "config.json"))
+            if data.tokenizer is not None:
+                with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
+                    f.write(data.tokenizer.serialized())
         for problem in sharding.assert_sharded(state, cfg.mesh.rules):
             print(f"warning: {problem}")
-        return _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, len(devices))
+        return _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, len(devices), preempted)
+
+
+def _check_resumable(cfg, workdir: str, tokenizer, force: bool) -> None:
+    """Refuse a workdir written with another config or tokenizer, naming what differs."""
+    differ = []
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        differ = config_lib.resume_conflicts(os.path.join(workdir, "config.json"), cfg)
+    saved_tokenizer = os.path.join(workdir, "tokenizer.model")
+    if tokenizer is not None and os.path.exists(saved_tokenizer):
+        with open(saved_tokenizer, "rb") as f:
+            if f.read() != tokenizer.serialized():
+                differ.append("tokenizer model file")
+    if differ and not force:
+        raise ValueError(f"Workdir {workdir} holds a run with a different {', '.join(differ)}; "
+                         f"use another --workdir, or --force_resume to continue it anyway.")
+    if differ:
+        print(f"warning: continuing {workdir} with a different {', '.join(differ)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +278,7 @@ def compile_fns(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Func
     )
 
 
-def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, num_devices) -> dict:
+def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, num_devices, preempted) -> dict:
     writer = metrics.Writer(workdir, resume_step=start)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     flops_per_step = flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
@@ -167,11 +286,17 @@ def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, num_devices) -> dic
     bar = tqdm(total=cfg.train.steps, initial=start, disable=jax.process_index() != 0,
                unit="step", dynamic_ncols=True)
     pending, last = None, {}
+    recent = collections.deque(maxlen=20)  # train losses the spike guard compares against
     window_start, window_steps = time.perf_counter(), 0
 
     def log(step_done, values, extra):
         nonlocal window_start, window_steps, last
-        _check_finite(step_done, values)
+        _check_finite(step_done, {**values, **extra})
+        loss_now = float(values["train/loss"])
+        if cfg.train.spike_factor:
+            _check_spike(step_done, loss_now, recent, cfg.train.spike_factor)
+        if np.isfinite(loss_now):
+            recent.append(loss_now)
         if step_done % cfg.train.log_every and step_done != cfg.train.steps and not extra:
             return
         if window_steps:  # else: a second row for the same window (an eval), same rate
@@ -189,8 +314,14 @@ def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, num_devices) -> dic
 
     try:
         for step in range(start, cfg.train.steps):
-            batch = sharding.to_global(next(data.train), mesh)
+            local = next(data.train)
+            if _fault("nan", step + 1):  # test hook: a batch whose loss is NaN
+                local = {**local, "weights": local["weights"] * np.nan}
+            batch = sharding.to_global(local, mesh)
             state, step_metrics = fns.step(state, batch)
+            _crash_if("step", step + 1)
+            if _fault("term", step + 1):  # test hook: a preemption notice, delivered as by a VM
+                os.kill(os.getpid(), signal.SIGTERM)
             window_steps += 1
             if pending is not None:  # step n-1's numbers, read while step n runs
                 log(pending[0], jax.device_get(pending[1]), {})
@@ -200,12 +331,23 @@ def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, num_devices) -> dic
             is_eval = cfg.train.eval_every and done % cfg.train.eval_every == 0
             is_save = done % cfg.checkpoint.every == 0 or done == cfg.train.steps
             if is_eval or is_save or done == cfg.train.steps:
-                extra = evaluate(fns.eval, state, data.eval_batches, mesh) if (
-                    is_eval or done == cfg.train.steps) else {}
+                extra = {}
+                if is_eval or done == cfg.train.steps:
+                    _crash_if("eval", done)
+                    extra = evaluate(fns.eval, state, data.eval_batches, mesh)
                 log(done, jax.device_get(step_metrics), extra)  # checks finiteness before a save
                 pending = None
             if is_save:
                 checkpoint.save(ckpt, done, state, data.train.get_state())
+                _crash_if("save", done)  # with an async save, while it is being written
+            if preempted(done):
+                if pending is not None:
+                    log(done, jax.device_get(step_metrics), {})
+                if not is_save:
+                    checkpoint.save(ckpt, done, state, data.train.get_state())
+                ckpt.wait_until_finished()
+                print(f"Preempted: saved step {done} in {workdir}; the same command resumes.")
+                break
         ckpt.wait_until_finished()
     finally:
         bar.close()

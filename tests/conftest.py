@@ -16,3 +16,22 @@ sys.path.insert(0, ROOT)  # `from configs import base` in tests, as config.load 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory) -> str:
+    """A 6-step smoke run on 8 devices, trained once for every test that reads a workdir
+    (eval, sample, convert)."""
+    from configs import smoke
+    from lmjax import train
+
+    cfg = smoke.get_config()
+    cfg.train.update(steps=6, eval_every=3, eval_batches=2)
+    cfg.optim.warmup_steps = 2
+    cfg.checkpoint.every = 3
+    workdir = str(tmp_path_factory.mktemp("smoke_run"))
+    train.run(cfg, workdir)
+    return workdir

@@ -15,7 +15,7 @@ TINY = ["model.vocab_size=256", "model.d_model=32", "model.num_layers=1", "model
         "model.num_kv_heads=2", "model.head_dim=16", "model.mlp_dim=64", "data.seq_len=32"]
 KEYS = {"model", "devices", "backend", "device_kind", "params", "flops_per_token", "step_s",
         "compile_s", "tokens_per_s", "mfu", "matmul_peak_gflops", "peak_flops_per_device",
-        "peak_rss_mb", "temp_bytes", "argument_bytes", "output_bytes", "loss"}
+        "peak_rss_mb", "cpu_util", "temp_bytes", "argument_bytes", "output_bytes", "loss"}
 
 
 @pytest.mark.parametrize("devices", [1, 2])

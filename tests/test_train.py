@@ -104,3 +104,13 @@ def test_grad_accumulation_equals_full_batch(tmp_path, runs):
     train.run(cfg, accum)
     a, b = losses(full), losses(accum)
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_no_held_out_batches_means_no_eval_rows(tmp_path):
+    cfg = smoke_cfg(data=8, fsdp=1, tensor=1)
+    cfg.train.update(steps=2, eval_batches=0)
+    cfg.optim.warmup_steps = 1
+    train.run(cfg, str(tmp_path))
+    rows = read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2] and not any("eval/loss" in r for r in rows)

@@ -1,8 +1,11 @@
-"""Where training rows come from: local UTF-8 text (tokenized, cached) or synthetic tokens.
+"""Where training data comes from: local UTF-8 text (tokenized, cached), a prepared TFDS
+dataset (array_record, read by random access), or synthetic tokens.
 
-A source yields rows of `seq_len + 1` tokens; the pipeline turns row r into inputs r[:-1] and
-targets r[1:]. Both sources are random access (row i is a pure function of the source and i),
-which is what makes the data order a pure function of (seed, step) and resume exact.
+The text and synthetic sources yield rows of `seq_len + 1` tokens; the pipeline turns row r into
+inputs r[:-1] and targets r[1:]. Both are random access (row i is a pure function of the source
+and i), which is what makes their data order a pure function of (seed, step) and resume exact.
+The TFDS source yields documents; the pipeline tokenizes and packs them on the fly.
+`build_tfds` turns local text files into such a TFDS dataset.
 """
 
 import glob
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
 from lmjax.data.tokenizer import TEXT_DIR, Tokenizer
 
@@ -25,11 +29,15 @@ _CACHE_VERSION = b"lmjax-tokens-v1"  # bump when the tokenized format or splitti
 
 
 def resolve_text(name_or_glob: str) -> list[Path]:
-    """Files of `data.text`: a shipped name (`shakespeare`) or a glob of local files, sorted."""
+    """Files of `data.text`: a shipped name (`shakespeare`), a glob of local files, or a
+    directory (every file under it), sorted."""
     shipped = TEXT_DIR / f"{name_or_glob}.txt"
     if "/" not in name_or_glob and shipped.is_file():
         return [shipped]
-    paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(name_or_glob), recursive=True))
+    pattern = os.path.expanduser(name_or_glob)
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "**", "*")
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
     paths = [p for p in paths if p.is_file()]
     if not paths:
         raise FileNotFoundError(
@@ -170,3 +178,104 @@ class SyntheticRows(Sequence):
 def synthetic_rows(cfg: ml_collections.ConfigDict, split: int) -> SyntheticRows:
     """Synthetic rows over the model's whole vocabulary; split 0 is train, 1 is eval."""
     return SyntheticRows(cfg.seed, split, cfg.model.vocab_size, cfg.data.seq_len)
+
+
+# ------------------------------------------------------------------ TFDS (array_record)
+
+PARAGRAPH = re.compile(r"\n(?:[ \t\r]*\n)+")  # one or more blank lines
+
+
+def tfds_source(name: str, data_dir: str, split: str, feature: str) -> Sequence:
+    """Random-access documents of a prepared TFDS dataset (array_record or parquet).
+
+    `tfds.data_source` needs no TensorFlow. It is called with download=False: a dataset that is
+    not prepared is an error naming where we looked, never a download at run time.
+    """
+    root = Path(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR))
+    folder = root / name.split(":")[0]
+    if not name or not list(folder.glob("**/dataset_info.json")):
+        raise FileNotFoundError(
+            f"data.tfds_name={name!r} is not a prepared TFDS dataset under {root} "
+            "(data.tfds_data_dir); prepare it with tfds or `lmjax data build`."
+        )
+    try:
+        source = tfds.data_source(name, split=split, data_dir=str(root), download=False)
+    except ValueError as e:
+        if "split" not in str(e).lower():
+            raise
+        raise ValueError(f"Split {split!r} of TFDS dataset {name!r}: {e}") from None
+    if len(source) == 0:
+        raise ValueError(f"Split {split!r} of TFDS dataset {name!r} has no examples.")
+    if feature not in source[0]:
+        raise KeyError(
+            f"TFDS dataset {name!r} has no feature data.tfds_feature={feature!r}; "
+            f"it has {sorted(source[0])}."
+        )
+    return source
+
+
+class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Local documents as a TFDS dataset with one `text` feature; subclassed per name."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    DOCS: dict[str, list[str]] = {}  # split name -> documents, set on the subclass
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()})
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(docs) for split, docs in self.DOCS.items()}
+
+    def _generate_examples(self, docs):
+        for i, doc in enumerate(docs):
+            yield i, {"text": doc}
+
+
+def read_documents(paths: Sequence[Path], per: str) -> list[str]:
+    """Documents of `paths`: one per file (`per='file'`) or one per blank-line-separated
+    paragraph (`per='paragraph'`). Every file must be non-empty UTF-8."""
+    if per not in ("file", "paragraph"):
+        raise ValueError(f"Documents are split per 'file' or 'paragraph', not {per!r}.")
+    docs = []
+    for path in paths:
+        text = _decode(path, path.read_bytes())
+        if per == "file":
+            docs.append(text)
+        else:
+            docs += [p for p in PARAGRAPH.split(text) if p.strip()]
+    return docs
+
+
+def build_tfds(
+    pattern: str, name: str, data_dir: str, eval_fraction: float = 0.05, per: str = "file"
+) -> dict[str, int]:
+    """Write the files matching `pattern` as TFDS dataset `name` (array_record) in `data_dir`,
+    with splits `train` and `validation` (the last documents, as `train_eval_split` holds out);
+    returns the number of documents per split. Read it back with data.source='tfds'.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"Dataset name {name!r} must be snake_case: [a-z][a-z0-9_]*.")
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction={eval_fraction} must be in (0, 1).")
+    paths = resolve_text(pattern)
+    docs = read_documents(paths, per)
+    if len(docs) < 2:
+        raise ValueError(
+            f"{pattern!r} holds {len(docs)} document; a train and a validation split need two "
+            "(use per='paragraph' or more files)."
+        )
+    train, held_out = train_eval_split(docs, eval_fraction)
+    return write_tfds(name, data_dir, {"train": train, "validation": held_out})
+
+
+def write_tfds(name: str, data_dir: str, splits: dict[str, list[str]]) -> dict[str, int]:
+    """Write documents per split as TFDS dataset `name` (array_record) under `data_dir`."""
+    builder_cls = type("TextBuilder", (_TextBuilder,), {"name": name, "DOCS": splits},
+                       skip_registration=True)
+    builder = builder_cls(data_dir=os.path.expanduser(data_dir), file_format="array_record")
+    tfds.display_progress_bar(False)
+    builder.download_and_prepare()
+    return {split: len(docs) for split, docs in splits.items()}

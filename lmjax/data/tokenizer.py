@@ -26,11 +26,23 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        return cls(Path(path).read_bytes())
+        try:  # a protobuf parse: no code runs, whatever the file holds
+            return cls(Path(path).read_bytes())
+        except RuntimeError:
+            raise ValueError(f"{path} is not a SentencePiece model file.") from None
+
+    def __reduce__(self):
+        """Pickle as the proto, so grain worker processes get their own processor."""
+        return Tokenizer, (self._proto,)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, no BOS/EOS; texts are encoded on all cores by SentencePiece."""
         return self._sp.encode(list(texts), out_type=int, num_threads=os.cpu_count())
+
+    def encode_one(self, text: str) -> list[int]:
+        """Token ids of one text on the calling thread: the pipeline's grain threads already run
+        in parallel, and a thread pool per document would cost more than the encoding."""
+        return self._sp.encode(text, out_type=int)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` (a list or a 1-D array); pad/bos/eos decode to nothing."""

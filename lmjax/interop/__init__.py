@@ -1,0 +1,1 @@
+"""Moving lmjax models to and from other ecosystems (hf.py: Hugging Face safetensors)."""

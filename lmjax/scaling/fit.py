@@ -1,0 +1,274 @@
+"""Scaling-law fits: Kaplan's power laws and Chinchilla's approaches 1, 2 and 3.
+
+Every fit works on plain arrays (N parameters, D tokens, C FLOPs, L loss), so it can be tested
+on synthetic data from a known law; `collect.py` turns a sweep's workdirs into those arrays.
+
+Approach 3 follows Besiroglu et al. 2024 ("Chinchilla scaling: a replication attempt"): fit
+log L with a Huber loss (delta 1e-3), L-BFGS from many starts, and a tight tolerance, because
+Hoffmann et al.'s published fit stopped early and their intervals were far too narrow; the
+intervals here come from a bootstrap over data points, refitting each resample.
+"""
+
+import itertools
+
+import numpy as np
+import scipy.optimize
+import scipy.special
+
+HUBER_DELTA = 1e-3  # Hoffmann et al. 2022 and Besiroglu et al. 2024
+# Hoffmann et al.'s grid of initialisations (appendix D.2): alpha, beta, e, a, b.
+CHINCHILLA_GRID = {
+    "alpha": np.arange(0.0, 2.01, 0.5),
+    "beta": np.arange(0.0, 2.01, 0.5),
+    "e": np.arange(-1.0, 1.01, 0.5),
+    "a": np.arange(0.0, 25.1, 5.0),
+    "b": np.arange(0.0, 25.1, 5.0),
+}
+_LBFGS = {"maxiter": 10_000, "ftol": 1e-15, "gtol": 1e-12}
+
+
+def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Huber loss of residuals and its derivative, elementwise."""
+    small = np.abs(r) <= delta
+    value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
+    return value, np.where(small, r, delta * np.sign(r))
+
+
+def _lse_objective(theta: np.ndarray, features: np.ndarray, log_l: np.ndarray, delta: float):
+    """Huber(log L_pred - log L) for log L_pred = logsumexp_i(c_i - k_i · x_i) plus a constant
+    term; theta = (c_1..c_m, k_1..k_m, e). Returns (objective, gradient) for L-BFGS."""
+    m = features.shape[1]
+    c, k, e = theta[:m], theta[m:2 * m], theta[2 * m]
+    terms = np.concatenate([c - k * features, np.full((len(log_l), 1), e)], axis=1)
+    pred = scipy.special.logsumexp(terms, axis=1)
+    value, dr = _huber(pred - log_l, delta)
+    weights = np.exp(terms - pred[:, None]) * dr[:, None]  # d objective / d term
+    grad = np.concatenate([weights[:, :m].sum(0), -(weights[:, :m] * features).sum(0),
+                           weights[:, m:].sum(0)])
+    return value.sum(), grad
+
+
+def _fit_lse(features: np.ndarray, log_l: np.ndarray, starts: np.ndarray, delta: float,
+             keep: int) -> np.ndarray:
+    """L-BFGS from the `keep` best of `starts` (every start is scored first, vectorised, so a
+    4,500-point grid costs one pass); returns the best optimum found."""
+    m = features.shape[1]
+    terms_SNT = np.concatenate([  # start x point x term
+        starts[:, None, :m] - starts[:, None, m:2 * m] * features[None],
+        np.broadcast_to(starts[:, None, 2 * m:], (len(starts), len(log_l), 1))], axis=2)
+    scores = _huber(scipy.special.logsumexp(terms_SNT, axis=2) - log_l, delta)[0].sum(1)
+    best = None
+    for start in starts[np.argsort(scores)[:keep]]:
+        result = scipy.optimize.minimize(_lse_objective, start, args=(features, log_l, delta),
+                                         jac=True, method="L-BFGS-B", options=_LBFGS)
+        if best is None or result.fun < best.fun:
+            best = result
+    return best.x
+
+
+def _check(name: str, *arrays) -> list[np.ndarray]:
+    out = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
+    if len({len(a) for a in out}) != 1:
+        raise ValueError(f"{name}: the input arrays have different lengths "
+                         f"{[len(a) for a in out]}.")
+    for a in out:
+        if not np.all(np.isfinite(a)) or np.any(a <= 0):
+            raise ValueError(f"{name}: every value must be finite and positive.")
+    return out
+
+
+def _bootstrap(fit_once, n: int, samples: int, seed: int, names: list[str]) -> dict:
+    """Percentile 95% intervals of each named quantity over `samples` resamples of n points."""
+    rng = np.random.default_rng(seed)
+    draws = [fit_once(rng.integers(0, n, n)) for _ in range(samples)]
+    return {k: tuple(np.percentile([d[k] for d in draws], [2.5, 97.5]).tolist()) for k in names}
+
+
+# ---------------------------------------------------------------------------- approach 3
+
+
+def parametric_loss(N, D, fit: dict) -> np.ndarray:
+    """L(N, D) = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022, eq. 2)."""
+    N, D = np.asarray(N, np.float64), np.asarray(D, np.float64)
+    return fit["E"] + fit["A"] / N ** fit["alpha"] + fit["B"] / D ** fit["beta"]
+
+
+def _parametric_dict(theta: np.ndarray) -> dict:
+    a, b, alpha, beta, e = theta
+    return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
+            "alpha": float(alpha), "beta": float(beta),
+            "a": float(beta / (alpha + beta)), "b": float(alpha / (alpha + beta))}
+
+
+def fit_parametric(N, D, L, *, bootstrap: int = 0, seed: int = 0, delta: float = HUBER_DELTA,
+                   keep: int = 8) -> dict:
+    """Approach 3: fit L(N, D) = E + A/N^alpha + B/D^beta by Huber loss on log L.
+
+    Returns E, A, B, alpha, beta, the compute-optimal exponents a = beta/(alpha+beta) (N_opt ∝
+    C^a) and b = alpha/(alpha+beta), `huber` (the objective per point) and, with bootstrap > 0,
+    `ci`: a 95% percentile interval of each, from refitting `bootstrap` resamples of the points.
+    """
+    N, D, L = _check("fit_parametric", N, D, L)
+    features = np.stack([np.log(N), np.log(D)], axis=1)
+    grid = CHINCHILLA_GRID
+    starts = np.array([(a, b, al, be, e) for al, be, e, a, b in itertools.product(
+        grid["alpha"], grid["beta"], grid["e"], grid["a"], grid["b"])])
+    theta = _fit_lse(features, np.log(L), starts, delta, keep)
+    out = _parametric_dict(theta)
+    out["huber"] = float(_lse_objective(theta, features, np.log(L), delta)[0] / len(L))
+    out["n_points"] = len(L)
+    if bootstrap:
+        # Each resample starts from the full-data optimum: it lies close to the resample's, and
+        # a grid search per resample would cost 10x more for the same answer.
+        def fit_once(idx):
+            return _parametric_dict(_fit_lse(features[idx], np.log(L[idx]), theta[None], delta,
+                                             keep=1))
+
+        out["ci"] = _bootstrap(fit_once, len(L), bootstrap, seed,
+                               ["E", "A", "B", "alpha", "beta", "a", "b"])
+    return out
+
+
+def compute_optimal(C, fit: dict, flops_per_param_token: float = 6.0) -> tuple:
+    """(N_opt, D_opt) minimising the approach-3 law under C = k·N·D (k = 6: Kaplan's and
+    Chinchilla's count); Hoffmann et al. 2022, eq. 4, in closed form."""
+    C = np.asarray(C, np.float64)
+    alpha, beta = fit["alpha"], fit["beta"]
+    G = (alpha * fit["A"] / (beta * fit["B"])) ** (1.0 / (alpha + beta))
+    budget = C / flops_per_param_token
+    N_opt = G * budget ** (beta / (alpha + beta))
+    return N_opt, budget / N_opt
+
+
+# ---------------------------------------------------------------------------- Kaplan
+
+
+def fit_power_law(x, L, *, bootstrap: int = 0, seed: int = 0, delta: float = HUBER_DELTA) -> dict:
+    """Kaplan et al. 2020: L(x) = E + (x_c / x)^alpha for x = N, D or C (the irreducible E
+    as in Henighan et al. 2020). Same Huber-on-log-loss objective as approach 3."""
+    x, L = _check("fit_power_law", x, L)
+    features = np.log(x)[:, None]
+    # theta = (alpha·log x_c, alpha, log E); log x_c starts spread over and beyond the data.
+    starts = np.array([(al * lxc, al, e) for al in (0.05, 0.1, 0.3, 0.6, 1.0)
+                       for lxc in np.linspace(0, 2 * features.max(), 9)
+                       for e in (-2.0, -0.5, 0.5, 1.5)])
+
+    def to_dict(theta):
+        k_alpha, alpha, e = theta
+        return {"E": float(np.exp(e)), "alpha": float(alpha),
+                "x_c": float(np.exp(k_alpha / alpha)) if alpha else float("inf")}
+
+    theta = _fit_lse(features, np.log(L), starts, delta, keep=4)
+    out = to_dict(theta)
+    if bootstrap:
+        out["ci"] = _bootstrap(
+            lambda idx: to_dict(_fit_lse(features[idx], np.log(L[idx]), theta[None], delta, 1)),
+            len(L), bootstrap, seed, ["E", "alpha", "x_c"])
+    return out
+
+
+def power_law_loss(x, fit: dict) -> np.ndarray:
+    return fit["E"] + (fit["x_c"] / np.asarray(x, np.float64)) ** fit["alpha"]
+
+
+# ---------------------------------------------------------------------------- approach 2
+
+
+def _loglog_line(C: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """y = k · C^slope by least squares in log-log: (slope, k)."""
+    slope, intercept = np.polyfit(np.log(C), np.log(y), 1)
+    return float(slope), float(np.exp(intercept))
+
+
+def _isoflop_minima(N, D, L, C) -> dict:
+    budgets, N_opt, D_opt, L_opt, parabolas = [], [], [], [], []
+    for c in np.unique(C):
+        sel = C == c
+        if len(np.unique(N[sel])) < 3:
+            continue
+        x = np.log(N[sel])
+        p = np.polyfit(x, L[sel], 2)  # L = p0 x^2 + p1 x + p2
+        if p[0] <= 0:
+            continue  # no minimum: the budget's sizes do not bracket its optimum
+        x_opt = -p[1] / (2 * p[0])
+        q = np.polyfit(x, np.log(D[sel]), 1)  # D of the size N_opt at this budget
+        budgets.append(c)
+        N_opt.append(np.exp(x_opt))
+        D_opt.append(np.exp(np.polyval(q, x_opt)))
+        L_opt.append(np.polyval(p, x_opt))
+        parabolas.append(p.tolist())
+    return {"C": np.array(budgets), "N_opt": np.array(N_opt), "D_opt": np.array(D_opt),
+            "L_opt": np.array(L_opt), "parabolas": parabolas}
+
+
+def fit_isoflop(N, D, L, C, *, bootstrap: int = 0, seed: int = 0) -> dict:
+    """Approach 2: per compute budget C (IsoFLOP), a parabola of L in log N locates N_opt;
+    then N_opt = k_N · C^a and D_opt = k_D · C^b by least squares in log-log.
+
+    D_opt is read off the budget's own (N, D) pairs at N_opt rather than from C = 6ND, so the
+    result does not depend on the FLOP convention. Budgets whose parabola opens downwards (the
+    sizes do not bracket the optimum) are dropped and listed in `dropped`.
+    """
+    N, D, L, C = _check("fit_isoflop", N, D, L, C)
+    minima = _isoflop_minima(N, D, L, C)
+    if len(minima["C"]) < 2:
+        raise ValueError(f"fit_isoflop: only {len(minima['C'])} compute budget(s) have >= 3 "
+                         "sizes bracketing a minimum; at least 2 are needed.")
+    a, k_N = _loglog_line(minima["C"], minima["N_opt"])
+    b, k_D = _loglog_line(minima["C"], minima["D_opt"])
+    out = {"a": a, "b": b, "k_N": k_N, "k_D": k_D,
+           "dropped": sorted(set(np.unique(C).tolist()) - set(minima["C"].tolist())),
+           **{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in minima.items()}}
+    if bootstrap:  # resample sizes within each budget, refit everything
+        rng = np.random.default_rng(seed)
+        groups = [np.flatnonzero(C == c) for c in np.unique(C)]
+        draws = []
+        for _ in range(bootstrap):
+            idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
+            m = _isoflop_minima(N[idx], D[idx], L[idx], C[idx])
+            if len(m["C"]) >= 2:
+                draws.append((_loglog_line(m["C"], m["N_opt"])[0],
+                              _loglog_line(m["C"], m["D_opt"])[0]))
+        draws = np.array(draws)
+        out["ci"] = {"a": tuple(np.percentile(draws[:, 0], [2.5, 97.5]).tolist()),
+                     "b": tuple(np.percentile(draws[:, 1], [2.5, 97.5]).tolist())}
+        out["bootstrap_kept"] = len(draws)
+    return out
+
+
+# ---------------------------------------------------------------------------- approach 1
+
+
+def fit_envelope(curves: list[dict], num_budgets: int = 20) -> dict:
+    """Approach 1: at each of `num_budgets` log-spaced FLOP counts, the run with the lowest
+    loss (interpolated along its training curve in log C) gives N_opt and D_opt; then power
+    laws in C as in approach 2. `curves`: one dict per run with N (scalar) and arrays C, D, L.
+
+    Hoffmann et al. trained each size at several lengths, each with a cosine schedule matched to
+    its length; a single run's intermediate points are not at their optimum, so the envelope of
+    single runs is biased towards small models at small C.
+    """
+    if len(curves) < 2:
+        raise ValueError("fit_envelope: at least 2 training curves are needed.")
+    lo = max(min(np.min(c["C"]) for c in curves), 1.0)
+    hi = max(np.max(c["C"]) for c in curves)
+    budgets = np.geomspace(lo, hi, num_budgets)
+    C_env, N_opt, D_opt, L_env = [], [], [], []
+    for budget in budgets:
+        best = None
+        for c in curves:
+            logc = np.log(np.asarray(c["C"], np.float64))
+            if not logc[0] <= np.log(budget) <= logc[-1]:
+                continue
+            loss = np.interp(np.log(budget), logc, c["L"])
+            if best is None or loss < best[0]:
+                d = np.exp(np.interp(np.log(budget), logc, np.log(c["D"])))
+                best = (loss, c["N"], d)
+        if best is not None:
+            C_env.append(budget), L_env.append(best[0]), N_opt.append(best[1])
+            D_opt.append(best[2])
+    C_env, N_opt, D_opt = map(np.asarray, (C_env, N_opt, D_opt))
+    a, k_N = _loglog_line(C_env, N_opt)
+    b, k_D = _loglog_line(C_env, D_opt)
+    return {"a": a, "b": b, "k_N": k_N, "k_D": k_D, "C": C_env.tolist(),
+            "N_opt": N_opt.tolist(), "D_opt": D_opt.tolist(), "L_opt": [float(x) for x in L_env]}

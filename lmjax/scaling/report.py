@@ -1,0 +1,106 @@
+"""`lmjax fit`: collect a sweep's runs, fit the chosen laws, write results.json, runs.csv and
+the figures into one folder.
+
+N is non-embedding parameters by default (Kaplan et al. 2020: at small sizes the embedding is
+a large, nearly free share of the total and bends the law); `params='total'` uses
+Chinchilla's count. D is tokens seen; C groups runs by their train.flops_budget.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from lmjax.scaling import collect, fit, plots
+
+METHODS = ("kaplan", "approach1", "approach2", "approach3")
+PARAMS = {"non_embedding": "params_non_embedding", "total": "params"}
+
+
+def _fit_one(method: str, runs: list[dict], n_key: str, bootstrap: int) -> dict:
+    N = np.array([r[n_key] for r in runs], np.float64)
+    D = np.array([r["tokens"] for r in runs], np.float64)
+    L = np.array([r["eval_loss"] for r in runs])
+    curves = [{"N": r[n_key], "C": r["curve"]["flops"], "D": r["curve"]["tokens"],
+               "L": r["curve"]["loss"]} for r in runs]
+    if method == "kaplan":
+        sizes = np.unique(N)
+        if len(sizes) < 3:
+            raise ValueError(f"kaplan needs at least 3 model sizes; the runs have {len(sizes)}.")
+        best = np.array([L[N == n].min() for n in sizes])  # the best budget per size
+        env = fit.fit_envelope(curves)
+        return {"L(N)": {**fit.fit_power_law(sizes, best, bootstrap=bootstrap),
+                         "N": sizes.tolist(), "L": best.tolist()},
+                "L(C)": {**fit.fit_power_law(env["C"], env["L_opt"], bootstrap=bootstrap),
+                         "C": env["C"], "L": env["L_opt"]}}
+    if method == "approach1":
+        return fit.fit_envelope(curves)
+    if method == "approach2":
+        C = np.array([r["flops_budget"] for r in runs], np.float64)
+        if not np.all(C > 0):
+            raise ValueError("approach2 needs every run to have a train.flops_budget.")
+        return fit.fit_isoflop(N, D, L, C, bootstrap=bootstrap)
+    if len(L) < 6:
+        raise ValueError(f"approach3 fits 5 parameters; it needs at least 6 runs, not {len(L)}.")
+    return fit.fit_parametric(N, D, L, bootstrap=bootstrap)
+
+
+def analyze(root: str, method: str = "all", out: str = "", params: str = "non_embedding",
+            bootstrap: int = 200) -> dict:
+    """Fit `method` ('all' = every method the runs support) to the runs under `root`; write
+    results.json, runs.csv and PNG figures to `out` (default: <root>/fit)."""
+    if method not in (*METHODS, "all"):
+        raise ValueError(f"--method={method!r} is not one of {(*METHODS, 'all')}.")
+    if params not in PARAMS:
+        raise ValueError(f"--params={params!r} is not one of {tuple(PARAMS)}.")
+    runs = collect.collect(root)
+    out = out or os.path.join(root, "fit")
+    os.makedirs(out, exist_ok=True)
+    n_key = PARAMS[params]
+    results = {"root": os.path.abspath(root), "params": params, "runs": len(runs), "skipped": {}}
+    for m in METHODS if method == "all" else (method,):
+        try:
+            results[m] = _fit_one(m, runs, n_key, bootstrap)
+        except ValueError as e:
+            if method != "all":
+                raise
+            results["skipped"][m] = str(e)
+    collect.write_table(runs, os.path.join(out, "runs.csv"))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plots.loss_vs_flops(runs, n_key, os.path.join(out, "loss_vs_flops.png"))
+    if "approach2" in results:
+        plots.isoflop(runs, n_key, results["approach2"], os.path.join(out, "isoflop.png"))
+    if "approach1" in results or "approach2" in results:
+        plots.optimal(results, os.path.join(out, "optimal.png"))
+    if "approach3" in results:
+        plots.residuals([r[n_key] for r in runs], [r["tokens"] for r in runs],
+                        [r["eval_loss"] for r in runs], results["approach3"],
+                        os.path.join(out, "residuals.png"))
+    return results
+
+
+def _ci(result: dict, key: str) -> str:
+    lo_hi = result.get("ci", {}).get(key)
+    return f"{result[key]:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
+
+
+def summary(results: dict) -> str:
+    """The fitted exponents, one line per method, with 95% intervals where bootstrapped."""
+    lines = [f"{results['runs']} runs, N = {results['params']} parameters"]
+    if "kaplan" in results:
+        for law, r in results["kaplan"].items():
+            lines.append(f"kaplan     {law}: E {_ci(r, 'E')}, alpha {_ci(r, 'alpha')}, "
+                         f"x_c {r['x_c']:.3g}")
+    for m in ("approach1", "approach2"):
+        if m in results:
+            lines.append(f"{m}  N_opt ∝ C^a, a = {_ci(results[m], 'a')};  "
+                         f"D_opt ∝ C^b, b = {_ci(results[m], 'b')}")
+    if "approach3" in results:
+        r = results["approach3"]
+        lines.append(f"approach3  E {_ci(r, 'E')}, A {r['A']:.4g}, B {r['B']:.4g}, "
+                     f"alpha {_ci(r, 'alpha')}, beta {_ci(r, 'beta')};  a = {_ci(r, 'a')}, "
+                     f"b = {_ci(r, 'b')}")
+    for m, why in results["skipped"].items():
+        lines.append(f"{m:<10} skipped: {why}")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Model shapes for scaling studies: a shape for a target parameter count at a fixed aspect
+ratio, and the published shapes of well-known families to compare against.
+
+Kaplan et al. 2020 (fig. 5) found loss depends on N and only weakly on the shape at fixed N,
+within aspect ratios d_model / n_layers of about 20-200; holding the ratio fixed across a sweep
+removes shape as a confounder, so a size is one number.
+"""
+
+import ml_collections
+
+from lmjax import flops
+
+# (layers, d_model, heads, head_dim, mlp_dim): Pythia (Biderman et al. 2023, table 1).
+PYTHIA = {
+    "70m": (6, 512, 8, 64, 2048), "160m": (12, 768, 12, 64, 3072),
+    "410m": (24, 1024, 16, 64, 4096), "1b": (16, 2048, 8, 256, 8192),
+    "1.4b": (24, 2048, 16, 128, 8192), "2.8b": (32, 2560, 32, 80, 10240),
+    "6.9b": (32, 4096, 32, 128, 16384), "12b": (36, 5120, 40, 128, 20480),
+}
+# GPT-3 (Brown et al. 2020, table 2.1), the family Kaplan's laws were extrapolated to.
+GPT3 = {
+    "small": (12, 768, 12, 64, 3072), "medium": (24, 1024, 16, 64, 4096),
+    "large": (24, 1536, 16, 96, 6144), "xl": (24, 2048, 24, 128, 8192),
+    "2.7b": (32, 2560, 32, 80, 10240), "6.7b": (32, 4096, 32, 128, 16384),
+    "13b": (40, 5140, 40, 128, 20560), "175b": (96, 12288, 96, 128, 49152),
+}
+
+
+def shape(d_model: int, aspect: int, head_dim: int, mlp_ratio: float) -> dict:
+    """Model overrides for a width: layers = d_model / aspect, heads of head_dim."""
+    if d_model % head_dim:
+        raise ValueError(f"d_model={d_model} is not a multiple of head_dim={head_dim}.")
+    heads = d_model // head_dim
+    return {"d_model": d_model, "num_layers": max(1, round(d_model / aspect)),
+            "num_heads": heads, "num_kv_heads": heads, "head_dim": head_dim,
+            "mlp_dim": int(round(mlp_ratio * d_model))}
+
+
+def shape_for_params(target: float, model_cfg: ml_collections.ConfigDict, aspect: int = 32,
+                     head_dim: int = 16, mlp_ratio: float = 4.0,
+                     kind: str = "non_embedding") -> dict:
+    """The shape (widths in steps of head_dim) whose `kind` parameter count ('non_embedding' or
+    'total', counted exactly from model_cfg with the shape applied) is nearest `target` in log
+    scale. Other model keys (vocab, mlp type, tying) come from model_cfg."""
+    best, width = None, head_dim
+    while True:
+        candidate = shape(width, aspect, head_dim, mlp_ratio)
+        cfg = model_cfg.copy_and_resolve_references()
+        cfg.unlock()
+        cfg.update(candidate)
+        n = flops.count_params(cfg)[kind]
+        error = abs(n / target - 1) if n >= target else abs(target / n - 1)
+        if best is None or error < best[0]:
+            best = (error, candidate, n)
+        if n > 2 * target:
+            return {**best[1], "params": best[2]}
+        width += head_dim

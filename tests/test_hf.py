@@ -1,0 +1,177 @@
+"""Hugging Face interop: logits equal transformers' for GPT-2 and LLaMA (GQA) in both
+directions, RoPE layouts, bad checkpoints, and workdir conversion both ways."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+torch = pytest.importorskip("torch")  # the [hf] extra; CI installs it
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from lmjax import checkpoint, config, evaluate, train  # noqa: E402
+from lmjax.interop import hf  # noqa: E402
+
+TOKENS = np.random.default_rng(0).integers(0, 96, (2, 12))
+
+
+def build(kind):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
+            eos_token_id=0))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_theta=500_000.0, rms_norm_eps=1e-5, tie_word_embeddings=kind == "llama_tied"))
+
+
+def torch_logits(model, tokens):
+    with torch.no_grad():
+        return model.eval()(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """kind -> (saved directory, its logits on TOKENS)."""
+    out = {}
+    for kind in ("gpt2", "llama", "llama_tied"):
+        model = build(kind)
+        path = str(tmp_path_factory.mktemp(kind))
+        model.save_pretrained(path)
+        out[kind] = (path, torch_logits(model, TOKENS))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_tied"])
+def test_logits_match_transformers_both_ways(checkpoints, kind, tmp_path):
+    path, want = checkpoints[kind]
+    model, cfg = hf.from_pretrained(path)
+    np.testing.assert_allclose(model(jnp.asarray(TOKENS)), want, atol=1e-4)
+    assert cfg.model.num_kv_heads == (4 if kind == "gpt2" else 2)
+    hf.save_pretrained(model, cfg, str(tmp_path))
+    auto = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    np.testing.assert_allclose(torch_logits(auto, TOKENS), want, atol=1e-4)
+
+
+def test_rope_layout_is_explicit(checkpoints, tmp_path):
+    """The same weights with q/k rows in Meta's interleaved order load with
+    rope_layout='interleaved' (and only then) to the same logits."""
+    path, want = checkpoints["llama"]
+    shutil.copy(os.path.join(path, "config.json"), tmp_path)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    for name in tensors:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = 4 if name.endswith("q_proj.weight") else 2
+            tensors[name] = hf.half_split_to_interleaved(tensors[name], heads)
+            np.testing.assert_array_equal(hf.interleaved_to_half_split(tensors[name], heads),
+                                          load_file(os.path.join(path, "model.safetensors"))[name])
+    save_file(tensors, os.path.join(tmp_path, "model.safetensors"))
+    model, _ = hf.from_pretrained(str(tmp_path), rope_layout="interleaved")
+    np.testing.assert_allclose(model(jnp.asarray(TOKENS)), want, atol=1e-4)
+    wrong, _ = hf.from_pretrained(str(tmp_path))
+    assert np.abs(np.asarray(wrong(jnp.asarray(TOKENS))) - want).max() > 1e-3
+
+
+def broken_copy(path, tmp_path, edit_config=None, edit_tensors=None):
+    target = tmp_path / "broken"
+    shutil.copytree(path, target)
+    if edit_config:
+        cfg = json.load(open(target / "config.json"))
+        edit_config(cfg)
+        json.dump(cfg, open(target / "config.json", "w"))
+    if edit_tensors:
+        tensors = load_file(target / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, target / "model.safetensors")
+    return str(target)
+
+
+def test_bad_checkpoints_name_the_cause(checkpoints, tmp_path):
+    path, _ = checkpoints["llama"]
+    with pytest.raises(FileNotFoundError, match="is not a Hugging Face checkpoint: it has no "
+                                                "config.json"):
+        hf.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    with pytest.raises(FileNotFoundError, match=r"has no \*.safetensors file"):
+        hf.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="model_type='bert'"):
+        hf.from_pretrained(broken_copy(path, tmp_path / "a", lambda c: c.update(
+            model_type="bert", architectures=["BertModel"])))
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        hf.from_pretrained(broken_copy(path, tmp_path / "b", lambda c: c.update(
+            rope_parameters={"rope_type": "llama3", "rope_theta": 1e4})))
+    with pytest.raises(ValueError, match=r"'model.layers.1.self_attn.k_proj.weight' has shape "
+                                         r"\(32, 32\), which does not fit blocks/1/attn/k/kernel"):
+        hf.from_pretrained(broken_copy(path, tmp_path / "c", edit_tensors=lambda t: t.update({
+            "model.layers.1.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)})))
+    with pytest.raises(KeyError, match="no tensor 'model.norm.weight'"):
+        hf.from_pretrained(broken_copy(path, tmp_path / "d", edit_tensors=lambda t: t.pop(
+            "model.norm.weight")))
+    with pytest.raises(ValueError, match="first 'model.extra.weight'"):
+        hf.from_pretrained(broken_copy(path, tmp_path / "e", edit_tensors=lambda t: t.update({
+            "model.extra.weight": np.zeros(3, np.float32)})))
+
+
+def test_export_refuses_models_without_an_hf_twin(checkpoints):
+    _, cfg = hf.from_pretrained(checkpoints["llama"][0])
+    cfg.model.qk_norm = True
+    with pytest.raises(ValueError, match="model.qk_norm=True has no llama equivalent"):
+        hf.family(cfg.model)
+    cfg.model.position = "sinusoidal"
+    with pytest.raises(ValueError, match="model.position='sinusoidal' has no Hugging Face"):
+        hf.family(cfg.model)
+
+
+@pytest.mark.slow
+def test_workdir_to_hf_and_back(smoke_workdir, tmp_path):
+    """A trained run exported is the same model to transformers; imported again, it evaluates
+    to the same numbers as the original run."""
+    hf.convert_to_hf(smoke_workdir, str(tmp_path / "hf"))
+    model, _, _ = checkpoint.load_for_inference(smoke_workdir)
+    tokens = np.random.default_rng(1).integers(0, 2048, (2, 16))
+    auto = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    np.testing.assert_allclose(torch_logits(auto, tokens), model(jnp.asarray(tokens)),
+                               atol=1e-4)
+    hf.convert_from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    assert os.path.isfile(tmp_path / "back" / "tokenizer.model")
+    a = evaluate.evaluate(smoke_workdir, batches=1, devices=jax.devices()[:1])
+    b = evaluate.evaluate(str(tmp_path / "back"), batches=1, devices=jax.devices()[:1],
+                          overrides=("data.seq_len=32", "data.global_batch_size=8"))  # smoke's
+    assert b["eval/loss"] == pytest.approx(a["eval/loss"], abs=1e-5) and b["step"] == 0
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        hf.convert_from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+
+
+@pytest.mark.slow
+def test_train_finetunes_an_imported_checkpoint(tmp_path):
+    """The first training loss of a converted workdir is the HF model's own loss on that
+    batch: training continued from the imported weights, not from a fresh init."""
+    torch.manual_seed(0)
+    source = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=2048, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    source.save_pretrained(str(tmp_path / "hf"))
+    workdir = str(tmp_path / "run")
+    hf.convert_from_hf(str(tmp_path / "hf"), workdir)
+    cfg = config.load(os.path.join(workdir, "config.json"), [
+        "train.steps=2", "train.log_every=1", "optim.warmup_steps=1", "data.seq_len=32",
+        "data.global_batch_size=8", "train.eval_every=0", "train.eval_batches=1"])
+    train.run(cfg, workdir, force_resume=True)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    from lmjax.data import pipeline
+
+    batch = next(pipeline.build(cfg).train)
+    with torch.no_grad():
+        logits = source.eval()(torch.tensor(batch["inputs"], dtype=torch.long)).logits
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, 2048),
+                                                 torch.tensor(batch["targets"]).long().reshape(-1))
+    assert rows[0]["step"] == 1
+    assert rows[0]["train/loss"] == pytest.approx(float(want), abs=1e-4)

@@ -1,0 +1,460 @@
+"""Reliability: crash and preemption resume, corrupt checkpoints, resharding, NaN guard, bad input.
+
+The crash harness runs `python -m lmjax train` as a subprocess and kills it with SIGKILL at
+seeded points, through the LMJAX_FAULT hook (train.py) so that each kill lands in the phase it
+names: just after a step is dispatched, as an evaluation starts, or while an async checkpoint is
+being written. After the last restart, metrics.jsonl must equal an uninterrupted run's, float
+for float, and every row any attempt ever wrote must match too. scripts/stress_resume.py runs
+the same harness with many more kills, some at random wall-clock times.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import smoke
+from lmjax import checkpoint, config, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# More saves and evals than smoke.py's defaults, so that kills have more places to land.
+ARGS = ("--config=configs/smoke.py", "--config.checkpoint.every=4", "--config.train.eval_every=5")
+STEPS, SAVE_EVERY, EVAL_EVERY = 20, 4, 5
+TIMING = ("tokens_per_s", "mfu")  # wall-clock figures, the only ones allowed to differ
+
+
+# ------------------------------------------------------------------ the harness
+
+
+def subprocess_env(compile_cache: str) -> dict:
+    """One CPU device (fast to compile) and a shared XLA compile cache: same program, same bits."""
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": compile_cache,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def start_train(workdir, env: dict, fault: str | None = None, *extra: str) -> subprocess.Popen:
+    env = {**env, train.FAULT_ENV: fault} if fault else env
+    return subprocess.Popen([sys.executable, "-m", "lmjax", "train", *ARGS, f"--workdir={workdir}",
+                             *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_train(workdir, env: dict, fault: str | None = None, *extra: str) -> tuple[int, str]:
+    proc = start_train(workdir, env, fault, *extra)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out + err
+
+
+def read_rows(workdir) -> list[dict]:
+    """metrics.jsonl's rows; a last line torn by a kill mid-write is left out."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def without_timing(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING}
+
+
+def assert_rows_match(rows: list[dict], baseline: dict[int, dict]) -> None:
+    """Each row equals the uninterrupted run's row of its step (floats bitwise), once each."""
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"a step is logged twice or out of order: {steps}"
+    for row in rows:
+        assert without_timing(row) == baseline[row["step"]], row["step"]
+
+
+def kill_plan(seed: int, kills: int) -> list[tuple[str, int]]:
+    """`kills` (phase, step) points with distinct, increasing steps, at least one save and one
+    eval kill: since each restart resumes at or before the step it died at, every point fires."""
+    rng = random.Random(seed)
+    saves = list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))
+    evals = [s for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY) if s % SAVE_EVERY]
+    chosen = {rng.choice(saves): "save", rng.choice(evals): "eval"}
+    rest = [s for s in range(1, STEPS + 1) if s not in chosen]
+    chosen.update({s: "step" for s in rng.sample(rest, kills - 2)})
+    return [(phase, step) for step, phase in sorted(chosen.items())]
+
+
+def crash_and_resume(workdir, env: dict, plan: list[tuple[str, int]],
+                     baseline: dict[int, dict]) -> list[int]:
+    """Kill at each point of `plan`, then finish; returns the step each restart resumed from
+    (the last checkpoint before the kill). Checks every row written along the way."""
+    resumed_from = []
+    for phase, step in plan:
+        code, log = run_train(workdir, env, f"{phase}:{step}")
+        assert code == -signal.SIGKILL, f"{phase}:{step} did not kill (rc {code}): {log[-2000:]}"
+        assert_rows_match(read_rows(workdir), baseline)
+        saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+        resumed_from.append(max(saved, default=0))
+    code, log = run_train(workdir, env)
+    assert code == 0, log[-3000:]
+    return resumed_from
+
+
+# ------------------------------------------------------------------ crash and preemption
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return subprocess_env(str(tmp_path_factory.mktemp("xla_cache")))
+
+
+@pytest.fixture(scope="module")
+def baseline(env, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    code, log = run_train(workdir, env)
+    assert code == 0, log[-3000:]
+    rows = read_rows(workdir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    return {r["step"]: without_timing(r) for r in rows}
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_is_bitwise_exact(env, baseline, tmp_path):
+    plan = kill_plan(seed=5, kills=6)
+    assert {phase for phase, _ in plan} == {"step", "eval", "save"}
+    resumed_from = crash_and_resume(tmp_path / "run", env, plan, baseline)
+    assert all(s % SAVE_EVERY == 0 for s in resumed_from)
+    rows = read_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert_rows_match(rows, baseline)
+    assert not os.path.exists(tmp_path / "run" / "corrupt_checkpoints")  # no kill corrupts
+
+
+@pytest.mark.slow
+def test_second_run_is_bitwise_identical(env, baseline, tmp_path):
+    """Determinism: same seed and config, a fresh process, the same numbers."""
+    code, log = run_train(tmp_path / "again", env)
+    assert code == 0, log[-3000:]
+    assert {r["step"]: without_timing(r) for r in read_rows(tmp_path / "again")} == baseline
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_cleanly(env, baseline, tmp_path):
+    workdir = tmp_path / "preempted"
+    code, log = run_train(workdir, env, "term:7")  # the process SIGTERMs itself after step 7
+    assert code == 0, log[-3000:]
+    assert "Preempted: saved step 7" in log
+    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints")) == [4, 7]
+    code, log = run_train(workdir, env)
+    assert code == 0, log[-3000:]
+    assert_rows_match(read_rows(workdir), baseline)
+    assert len(read_rows(workdir)) == STEPS
+
+
+# ------------------------------------------------------------------ in-process helpers
+
+
+def smoke_cfg(**updates):
+    cfg = smoke.get_config()
+    for group, values in updates.items():
+        cfg[group].update(**values)
+    return cfg
+
+
+def restore(workdir, cfg, devices, step=None):
+    mesh = sharding.make_mesh(cfg, devices)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
+        fns = train.compile_fns(cfg, mesh)  # traces shapes only; nothing is compiled here
+        mngr = checkpoint.manager(workdir, cfg.checkpoint)
+        try:
+            return checkpoint.restore(mngr, fns.abstract_state, step)
+        finally:
+            mngr.close()
+
+
+def leaves(state) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in
+            jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
+
+
+def losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_rows(workdir)}
+
+
+# ------------------------------------------------------------------ corrupt checkpoints
+
+ONE = jax.devices()[:1]
+SINGLE = {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 1-device smoke run with checkpoints at steps 10 and 20."""
+    workdir = str(tmp_path_factory.mktemp("finished"))
+    train.run(smoke_cfg(**SINGLE), workdir, devices=ONE)
+    return workdir
+
+
+def biggest_file(folder):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def truncate(step_dir):
+    path = biggest_file(os.path.join(step_dir, "state"))
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def flip_bytes(step_dir):
+    path = biggest_file(os.path.join(step_dir, "state"))
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        chunk = f.read(64)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def delete_state_manifest(step_dir):
+    os.remove(os.path.join(step_dir, "state", "manifest.ocdbt"))
+
+
+def delete_data_item(step_dir):
+    shutil.rmtree(os.path.join(step_dir, "data"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("corrupt", [truncate, flip_bytes, delete_state_manifest,
+                                     delete_data_item])
+def test_corrupt_latest_falls_back_and_keeps_everything(finished, tmp_path, capsys, corrupt):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished, workdir)
+    corrupt(os.path.join(workdir, "checkpoints", "20"))
+    state, data_state, step = restore(workdir, smoke_cfg(**SINGLE), ONE)
+    assert step == 10 and data_state == {"step": 10}
+    warning = capsys.readouterr().out
+    assert "checkpoint step 20" in warning and "unusable" in warning
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]  # 20 moved, not deleted
+    assert os.listdir(os.path.join(workdir, "corrupt_checkpoints")) == ["20.0"]
+    reference, _, _ = restore(finished, smoke_cfg(**SINGLE), ONE, step=10)
+    got, want = leaves(state), leaves(reference)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_resume_after_corruption_is_exact(finished, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished, workdir)
+    truncate(os.path.join(workdir, "checkpoints", "20"))
+    train.run(smoke_cfg(**SINGLE), workdir, devices=ONE)  # redoes steps 11-20
+    assert losses(workdir) == losses(finished)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+
+
+def test_no_valid_checkpoint_stops_and_moves_nothing(finished, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished, workdir)
+    for step in ("10", "20"):
+        delete_state_manifest(os.path.join(workdir, "checkpoints", step))
+    with pytest.raises(ValueError, match=r"No checkpoint in .* can be restored \(step 20: .*"
+                                         r"step 10: "):
+        restore(workdir, smoke_cfg(**SINGLE), ONE)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+
+
+def test_nonfinite_state_is_never_saved(tmp_path):
+    state = nnx.State({"w": jax.numpy.array([1.0, np.inf]), "b": jax.numpy.zeros(2)})
+    mngr = checkpoint.manager(str(tmp_path), smoke.get_config().checkpoint)
+    with pytest.raises(FloatingPointError, match=r"Not saving step 3: 1 state leaves .* 'w'"):
+        checkpoint.save(mngr, 3, state, {"step": 3})
+    mngr.close()
+    assert mngr.all_steps() == []
+
+
+def test_checksum_is_the_same_on_every_layout():
+    """The integrity checksum is a wrapping integer sum: any order, any sharding, same value."""
+    x = jax.random.normal(jax.random.key(0), (64, 32))
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    words = np.asarray(x).view(np.uint32).astype(np.uint64).sum() % 2**32
+    assert int(checkpoint._leaf_checksum(x)) == int(checkpoint._leaf_checksum(sharded)) == words
+    assert int(checkpoint._leaf_checksum(x.at[3, 4].add(1e-6))) != words
+
+
+# ------------------------------------------------------------------ resharding
+
+
+@pytest.mark.slow
+def test_restore_onto_other_meshes_and_continue(tmp_path):
+    """Written on 8 devices (2,2,2 fsdp_tp); restored on 4 (fsdp) and 1 (dp) with identical
+    values; training continues on 4 devices; that run's checkpoint restores back onto 8."""
+    eight = {"mesh": {"data": 2, "fsdp": 2, "tensor": 2, "rules": "fsdp_tp"}}
+    four = {"mesh": {"data": 1, "fsdp": 4, "tensor": 1, "rules": "fsdp"}}
+    one = {"mesh": {"data": 1, "fsdp": 1, "tensor": 1, "rules": "dp"}}
+    written = str(tmp_path / "eight")
+    train.run(smoke_cfg(**eight), written)
+    reference = leaves(restore(written, smoke_cfg(**eight), jax.devices(), step=10)[0])
+    for layout, n in ((four, 4), (one, 1)):
+        state, _, step = restore(written, smoke_cfg(**layout), jax.devices()[:n], step=10)
+        assert step == 10
+        got = leaves(state)
+        assert got.keys() == reference.keys()
+        assert all(np.array_equal(got[k], reference[k]) for k in reference), layout
+
+    continued = str(tmp_path / "four")
+    shutil.copytree(written, continued)
+    shutil.rmtree(os.path.join(continued, "checkpoints", "20"))
+    train.run(smoke_cfg(**four), continued, devices=jax.devices()[:4])
+    a, b = losses(written), losses(continued)
+    assert sorted(b) == list(range(1, 21))
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=1e-5)
+    back = leaves(restore(continued, smoke_cfg(**eight), jax.devices(), step=20)[0])
+    alone = leaves(restore(continued, smoke_cfg(**one), ONE, step=20)[0])
+    assert all(np.array_equal(back[k], alone[k]) for k in alone)
+
+
+# ------------------------------------------------------------------ numerics guard
+
+SHORT = {**SINGLE, "train": {"steps": 6, "eval_every": 0}, "checkpoint": {"every": 4},
+         "optim": {"warmup_steps": 2}}
+
+
+@pytest.mark.slow
+def test_nan_stops_with_step_and_metric_and_saves_nothing_after(tmp_path, monkeypatch):
+    monkeypatch.setenv(train.FAULT_ENV, "nan:5")  # step 5's batch has NaN weights
+    workdir = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError,
+                       match=r"train/grad_norm=nan, .*train/loss=nan at step 5; stopping the run"):
+        train.run(smoke_cfg(**SHORT), workdir, devices=ONE)
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
+    assert max(losses(workdir)) == 4
+
+
+@pytest.mark.slow
+def test_skip_mode_leaves_weights_and_moments_untouched(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(train.FAULT_ENV, "nan:5")
+    cfg = smoke_cfg(**{**SHORT, "train": {"steps": 5, "eval_every": 0, "on_nonfinite": "skip"}})
+    workdir = str(tmp_path / "run")
+    train.run(cfg, workdir, devices=ONE)  # saves 4, then 5 (the last step)
+    warning = capsys.readouterr().out
+    assert "train/grad_norm=nan" in warning and "at step 5; the update was skipped" in warning
+    rows = {r["step"]: r for r in read_rows(workdir)}
+    assert [rows[s]["train/skipped"] for s in range(1, 6)] == [0, 0, 0, 0, 1]
+    before = leaves(restore(workdir, cfg, ONE, step=4)[0])
+    after = leaves(restore(workdir, cfg, ONE, step=5)[0])
+    step_key = "[1]['step']"
+    assert (before.pop(step_key), after.pop(step_key)) == (4, 5)  # the count still advances
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_spike_guard_names_step_and_factor():
+    recent = [2.0] * 20
+    train._check_spike(30, 3.9, recent, factor=2.0)  # under 2 x 2.0: fine
+    with pytest.raises(FloatingPointError, match="train/loss is 4.1 at step 31, over "
+                                                 r"train.spike_factor=2.0 x the mean 2"):
+        train._check_spike(31, 4.1, recent, factor=2.0)
+    train._check_spike(5, 100.0, [2.0] * 5, factor=2.0)  # too few steps to judge yet
+
+
+# ------------------------------------------------------------------ bad input on resume
+
+
+@pytest.mark.parametrize("override,named", [
+    ({"model": {"d_model": 64}}, "model.d_model"),
+    ({"data": {"seq_len": 16}, "seed": 3}, "data.seq_len, seed"),
+    ({"optim": {"lr": 0.1}}, "optim.lr"),
+])
+def test_resume_with_another_config_is_refused(finished, tmp_path, override, named):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished, workdir)
+    cfg = smoke_cfg(**SINGLE)
+    for key, value in override.items():
+        cfg[key] = value if not isinstance(value, dict) else cfg[key]
+        if isinstance(value, dict):
+            cfg[key].update(**value)
+    with pytest.raises(ValueError, match=f"holds a run with a different {named}; use another "
+                                         f"--workdir, or --force_resume"):
+        train.run(cfg, workdir, devices=ONE)
+    with open(os.path.join(workdir, "config.json")) as f, open(
+            os.path.join(finished, "config.json")) as g:
+        assert f.read() == g.read()  # untouched
+
+
+def test_resumable_keys_may_change(finished, tmp_path):
+    cfg = smoke_cfg(mesh={"data": 4, "rules": "dp"}, train={"steps": 40, "log_every": 5},
+                    checkpoint={"every": 7, "async_save": False})
+    path = os.path.join(finished, "config.json")
+    assert config.resume_conflicts(path, cfg) == []
+    cfg.optim.b2 = 0.99
+    cfg.model.attention = "xla"
+    assert config.resume_conflicts(path, cfg) == ["optim.b2"]
+
+
+def test_other_tokenizer_and_foreign_config_are_refused(finished, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished, workdir)
+    (workdir / "tokenizer.model").write_bytes(b"another model")
+    with pytest.raises(ValueError, match="different tokenizer model file"):
+        train.run(smoke_cfg(**SINGLE), str(workdir), devices=ONE)
+    (workdir / "config.json").write_text("precious")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        train.run(smoke_cfg(**SINGLE), str(workdir), devices=ONE)
+
+
+def test_tokenizer_that_is_not_a_model(tmp_path):
+    path = tmp_path / "sp.model"
+    path.write_bytes(b"not a protobuf")
+    cfg = smoke_cfg(**SINGLE)
+    cfg.data.tokenizer = str(path)
+    with pytest.raises(ValueError, match=f"{path} is not a SentencePiece model file."):
+        train.run(cfg, str(tmp_path / "run"), devices=ONE)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("on_nonfinite", "ignore", "train.on_nonfinite='ignore' is not one of ('stop', 'skip')"),
+    ("spike_factor", 0.5, "train.spike_factor=0.5 must be above 1 (or 0 = off)"),
+])
+def test_guard_settings_are_validated(key, value, message):
+    cfg = smoke.get_config()
+    cfg.train[key] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.validate(cfg, 8)
+
+
+@pytest.mark.slow
+def test_force_resume_through_the_cli(finished, tmp_path):
+    """The CLI names the differing key in one line; --force_resume goes on (and a model change
+    then fails on every checkpoint, with nothing moved)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished, workdir)
+    base = [sys.executable, "-m", "lmjax", "train", "--config=configs/smoke.py",
+            f"--workdir={workdir}", "--config.mesh.data=1", "--config.model.mlp_dim=128"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    out = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert last.startswith("lmjax train: Workdir") and "different model.mlp_dim;" in last
+    out = subprocess.run(base + ["--force_resume"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert last.startswith("lmjax train: No checkpoint in") and "step 10:" in last
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
+
+
+# ------------------------------------------------------------------ safety
+
+
+def test_no_pickle_anywhere_in_the_package():
+    """Loading checkpoints, data, tokenizers or weights must never unpickle (code execution)."""
+    banned = ("import pickle", "allow_pickle=True", "torch.load(", "cloudpickle", "import dill")
+    for folder, _, files in os.walk(os.path.join(ROOT, "lmjax")):
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name)).read()
+                found = [b for b in banned if b in text]
+                assert not found, f"{name} uses {found}"

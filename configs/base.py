@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.init_std = 0.02  # normal init for every weight matrix (GPT-2 / nanoGPT)
     m.param_dtype = "float32"  # master weights and optimizer state
     m.dtype = "float32"  # compute dtype of matmuls and activations ('bfloat16' on accelerators)
-    m.attention = "xla"  # attention kernel: 'xla' (reference, runs everywhere)
+    m.attention = "xla"  # kernel: 'xla' (reference, runs everywhere) | 'ring' (needs a 'seq' axis)
     m.remat = "none"  # activation checkpointing per block: 'none' | 'full' | 'dots_saveable'
 
     # ---------------------------------------------------------------- data

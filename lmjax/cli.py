@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": "loss, perplexity, bits/byte, accuracy (± s.e.) of --workdir [--split|--text]",
     "sample": "continue --prompt=TEXT with the model of --workdir, streamed to the terminal",
     "convert": "--from_hf=HF_DIR --workdir=OUT | --to_hf --workdir=DIR --out=HF_DIR",
+    "plan": "compile the train step for --devices fake CPU devices; memory and collectives",
 }
 
 flags.DEFINE_string("config", None, "Config file, optionally with an argument: configs/x.py:arg")
@@ -28,7 +29,9 @@ flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints/, 
 flags.DEFINE_bool("force_resume", False,
                   "train: continue a workdir whose config.json differs in keys that matter")
 flags.DEFINE_string("model", "bench", "bench: the named model to measure")
-flags.DEFINE_integer("devices", 1, "bench: how many devices to use")
+flags.DEFINE_integer("devices", 1, "bench, plan: how many devices to use")
+flags.DEFINE_string("topology", "", "plan: TPU topology to compile for from this host, e.g. "
+                    "v5p:4x4x2 (needs libtpu); default: --devices fake CPU devices")
 flags.DEFINE_integer("steps", 10, "bench: timed steps after warm-up")
 flags.DEFINE_string("sweep", None, "sweep: a config file that also has get_sweep()")
 flags.DEFINE_string("root", None, "sweep, fit: folder holding one workdir per sweep member")
@@ -100,6 +103,13 @@ def _run(command: str, overrides: list[str], args: list[str] = ()) -> None:
         from lmjax import flops
 
         print(flops.report(_load_config(overrides)))
+    elif command == "plan":
+        from lmjax import plan
+
+        # devices before the config, which may start JAX
+        devices = (plan.tpu_devices(FLAGS.topology) if FLAGS.topology
+                   else plan.cpu_devices(FLAGS.devices))
+        print(plan.report(plan.plan(_load_config(overrides), devices)))
     elif command == "bench":
         from lmjax import bench
 

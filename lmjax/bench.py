@@ -156,6 +156,8 @@ def run(model: str, devices: int, steps: int,
         "cpu_util": cpu_s / sum(times),
         "host_cores": os.cpu_count(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        # host allocator settings this process ran under (`lmjax` adds a huge-page one: cli.py)
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "loss": loss,
         "architecture": flops.describe(cfg.model),
     }
@@ -182,6 +184,7 @@ def table(r: dict) -> str:
         ("memory/device", f"temp {mib(r['temp_bytes'])}, arguments {mib(r['argument_bytes'])}, "
                           f"outputs {mib(r['output_bytes'])}"),
         ("peak RSS", f"{r['peak_rss_mb']:,.0f} MB"),
+        ("malloc", r["glibc_tunables"] or "glibc defaults"),
         ("host CPU", f"{r['cpu_util']:.2f} s of process CPU time per s of step "
                      f"({r['host_cores']} cores)"),
         ("final loss", f"{r['loss']:.4f}"),

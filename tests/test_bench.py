@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from lmjax import bench
+from lmjax import bench, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.vocab_size=256", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
@@ -59,12 +59,27 @@ def test_missing_configs_folder_says_where_it_looked(monkeypatch, tmp_path):
         bench.models()
 
 
-def test_command_prints_json_last():
+def _bench_command(env=None):
     overrides = [f"--config.{o}" for o in TINY]
     out = subprocess.run(
         [sys.executable, "-m", "lmjax", "bench", "--model=bench", "--steps=1", *overrides],
-        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
-    lines = out.stdout.strip().splitlines()
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300, env=env)
+    return out.stdout.strip().splitlines()
+
+
+def test_command_prints_json_last_and_runs_with_huge_page_malloc():
+    lines = _bench_command({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
     r = json.loads(lines[-1])
     assert r["model"] == "bench" and r["devices"] == 1 and r["tokens_per_s"] > 0
     assert any(line.startswith("MFU") for line in lines[:-1])  # the table came first
+    # `lmjax` re-executed itself with glibc's huge-page tunable (cli.tune_host_malloc)
+    assert r["glibc_tunables"] == cli.HOST_MALLOC_TUNABLE
+
+
+def test_host_malloc_keeps_the_users_tunables_or_opts_out():
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000000"}
+    r = json.loads(_bench_command(env)[-1])
+    assert r["glibc_tunables"] == f"glibc.malloc.trim_threshold=1000000000:{cli.HOST_MALLOC_TUNABLE}"
+    env = {**os.environ, "LMJAX_HOST_MALLOC": "default"}
+    env.pop("GLIBC_TUNABLES", None)
+    assert json.loads(_bench_command(env)[-1])["glibc_tunables"] == ""

@@ -77,9 +77,9 @@ def test_command_prints_json_last_and_runs_with_huge_page_malloc():
 
 
 def test_host_malloc_keeps_the_users_tunables_or_opts_out():
-    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000000"}
-    r = json.loads(_bench_command(env)[-1])
-    assert r["glibc_tunables"] == f"glibc.malloc.trim_threshold=1000000000:{cli.HOST_MALLOC_TUNABLE}"
+    users = "glibc.malloc.trim_threshold=1000000000"
+    r = json.loads(_bench_command({**os.environ, "GLIBC_TUNABLES": users})[-1])
+    assert r["glibc_tunables"] == f"{users}:{cli.HOST_MALLOC_TUNABLE}"
     env = {**os.environ, "LMJAX_HOST_MALLOC": "default"}
     env.pop("GLIBC_TUNABLES", None)
     assert json.loads(_bench_command(env)[-1])["glibc_tunables"] == ""

@@ -170,6 +170,28 @@ def embed_lookup(table_VD: jax.Array, tokens_BL: jax.Array) -> jax.Array:
                          axis_names=set(axes))(table_VD, tokens_BL)
 
 
+def over_data(spec: P, shape: tuple[int, ...], data: int) -> P:
+    """`spec` with mesh axis 'data' on the first dimension not split already that `data`
+    divides: where mesh.shard_optimizer keeps a weight's Adam moments and its update. A leaf
+    no dimension of which divides (a small bias) stays as it was, i.e. replicated over 'data'."""
+    dims = list(spec) + [None] * (len(shape) - len(spec))
+    for i, (size, axes) in enumerate(zip(shape, dims, strict=True)):
+        if data > 1 and axes is None and size % data == 0:
+            dims[i] = "data"
+            return P(*dims)
+    return spec
+
+
+def shard_optimizer_state(shardings, abstract_state, mesh: jax.sharding.Mesh):
+    """The train state's shardings with every optimizer-state leaf also split over 'data'."""
+    def place(path, x, s):
+        if "opt_state" not in jax.tree_util.keystr(path):
+            return s
+        return NamedSharding(mesh, over_data(s.spec, x.shape, mesh.shape["data"]))
+
+    return jax.tree_util.tree_map_with_path(place, abstract_state, shardings)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH))
 

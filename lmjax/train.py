@@ -83,6 +83,12 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *,
             lambda: grad_fn(params, batch=jax.tree.map(lambda x: x[0], micro), key=key)))
         (aux, grads), _ = jax.lax.scan(body, (zeros[0][1], zeros[1]),
                                        (jnp.arange(accum), micro))
+    if cfg.mesh.shard_optimizer:  # ZeRO-1: each replica updates its 1/data of every weight
+        data = jax.sharding.get_abstract_mesh().shape["data"]
+        grads = jax.tree.map(
+            lambda g, spec: jax.lax.with_sharding_constraint(
+                g, sharding.over_data(spec, g.shape, data)),
+            grads, nnx.get_partition_spec(grads))
     optimizer.update(model, grads)
     out = {f"train/{k}": v for k, v in aux.items()}
     out["train/grad_norm"] = optax.tree.norm(grads)
@@ -279,6 +285,8 @@ def compile_fns(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Func
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: create(cfg)))
     sharding.check_divisible(abstract_state, mesh, cfg.mesh.rules)
     state_shardings = nnx.get_named_sharding(abstract_state, mesh)
+    if cfg.mesh.shard_optimizer:
+        state_shardings = sharding.shard_optimizer_state(state_shardings, abstract_state, mesh)
     abstract_state = jax.tree.map(  # concrete shardings: what a checkpoint restores onto
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, state_shardings)

@@ -24,16 +24,20 @@ PEAK_FLOPS = {
 }
 
 
-def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a jitted f32 n x n matmul on the default device, best of `repeats`."""
+def measured_matmul_flops(n: int = 1024, seconds: float = 0.5, min_repeats: int = 10) -> float:
+    """FLOP/s of a jitted f32 n x n matmul on the default device: the fastest of the runs made
+    in `seconds` (at least `min_repeats`). The fastest, because anything else the machine does
+    only slows a run down; with 5 runs the figure varied 2x between processes on a shared 2-core
+    VM, which moved MFU as much (docs/performance.md)."""
     a = jnp.ones((n, n), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
+    best, repeats, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while repeats < min_repeats or time.perf_counter() < deadline:
         start = time.perf_counter()
         matmul(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
+        repeats += 1
     return 2 * n**3 / best
 
 

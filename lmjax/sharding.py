@@ -170,14 +170,17 @@ def embed_lookup(table_VD: jax.Array, tokens_BL: jax.Array) -> jax.Array:
                          axis_names=set(axes))(table_VD, tokens_BL)
 
 
-def over_data(spec: P, shape: tuple[int, ...], data: int) -> P:
-    """`spec` with mesh axis 'data' on the first dimension not split already that `data`
-    divides: where mesh.shard_optimizer keeps a weight's Adam moments and its update. A leaf
-    no dimension of which divides (a small bias) stays as it was, i.e. replicated over 'data'."""
+def over_data(spec: P, shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> P:
+    """`spec` with mesh axis 'data' added to the first dimension that is not split yet (its
+    axes, if any, all of size 1) and that 'data' divides: where mesh.shard_optimizer keeps a
+    weight's Adam moments and its update. A leaf no dimension of which qualifies (a small
+    bias) stays as it was, i.e. replicated over 'data'."""
+    data = mesh_sizes["data"]
     dims = list(spec) + [None] * (len(shape) - len(spec))
     for i, (size, axes) in enumerate(zip(shape, dims, strict=True)):
-        if data > 1 and axes is None and size % data == 0:
-            dims[i] = "data"
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if data > 1 and math.prod(mesh_sizes[a] for a in axes) == 1 and size % data == 0:
+            dims[i] = (*axes, "data") if axes else "data"
             return P(*dims)
     return spec
 
@@ -187,7 +190,7 @@ def shard_optimizer_state(shardings, abstract_state, mesh: jax.sharding.Mesh):
     def place(path, x, s):
         if "opt_state" not in jax.tree_util.keystr(path):
             return s
-        return NamedSharding(mesh, over_data(s.spec, x.shape, mesh.shape["data"]))
+        return NamedSharding(mesh, over_data(s.spec, x.shape, dict(mesh.shape)))
 
     return jax.tree_util.tree_map_with_path(place, abstract_state, shardings)
 

@@ -84,10 +84,10 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *,
         (aux, grads), _ = jax.lax.scan(body, (zeros[0][1], zeros[1]),
                                        (jnp.arange(accum), micro))
     if cfg.mesh.shard_optimizer:  # ZeRO-1: each replica updates its 1/data of every weight
-        data = jax.sharding.get_abstract_mesh().shape["data"]
+        sizes = dict(jax.sharding.get_abstract_mesh().shape)
         grads = jax.tree.map(
             lambda g, spec: jax.lax.with_sharding_constraint(
-                g, sharding.over_data(spec, g.shape, data)),
+                g, sharding.over_data(spec, g.shape, sizes)),
             grads, nnx.get_partition_spec(grads))
     optimizer.update(model, grads)
     out = {f"train/{k}": v for k, v in aux.items()}

@@ -149,11 +149,14 @@ def test_hybrid_mesh_on_one_process_trains_like_a_flat_one():
 
 
 def test_over_data_takes_the_first_free_dimension_data_divides():
-    assert sharding.over_data(P(None, None), (64, 256), 8) == P("data", None)
-    assert sharding.over_data(P("fsdp", None), (64, 256), 8) == P("fsdp", "data")
-    assert sharding.over_data(P(None), (12,), 8) == P(None)  # nothing divides: replicated
-    assert sharding.over_data(P(), (), 8) == P()  # scalars (the step count)
-    assert sharding.over_data(P(None, None), (64, 256), 1) == P(None, None)
+    sizes = {"data": 8, "fsdp": 2, "seq": 1, "tensor": 1}
+    assert sharding.over_data(P(None, None), (64, 256), sizes) == P("data", None)
+    assert sharding.over_data(P("fsdp", None), (64, 256), sizes) == P("fsdp", "data")
+    # an axis of size 1 splits nothing: 'data' joins it
+    assert sharding.over_data(P("tensor", None), (64, 256), sizes) == P(("tensor", "data"), None)
+    assert sharding.over_data(P(None), (12,), sizes) == P(None)  # nothing divides: replicated
+    assert sharding.over_data(P(), (), sizes) == P()  # scalars (the step count)
+    assert sharding.over_data(P(None, None), (64, 256), {**sizes, "data": 1}) == P(None, None)
 
 
 def test_shard_optimizer_splits_adam_moments_and_trains_like_plain_dp():

@@ -210,10 +210,11 @@ def _inference(command: str, overrides: list[str]) -> None:
 
 
 # glibc's malloc hands every buffer over 32 MiB straight back to the kernel when it is freed, so
-# XLA:CPU's per-step temporaries (~500 MiB for the bench model) page-fault back in, zeroed, 4 KiB
-# at a time, on every step: ~130k faults, a quarter of the step's CPU time. Backing them by
-# transparent huge pages makes that 512x fewer faults (bench step 450 -> 350 ms, the same peak
-# RSS; docs/performance.md). glibc reads tunables only at start-up, hence the re-exec.
+# XLA:CPU's per-step temporaries (one 445 MB buffer for the bench model) page-fault back in,
+# zeroed, 4 KiB at a time, on every step: ~130k faults, a quarter of the step's CPU time
+# (strace, perf). Backing them by transparent huge pages makes that 512x fewer faults (bench
+# step 450 -> 350 ms, the same peak RSS; docs/performance.md). glibc reads tunables only at
+# start-up, hence the re-exec.
 HOST_MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
 
 

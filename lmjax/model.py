@@ -79,19 +79,19 @@ def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float,
                                         scale))
 
 
-def computed_once(fn, *args):
-    """fn(*args) as buffers XLA cannot fuse into their consumers.
+def computed_once(fn, x: jax.Array):
+    """fn(x) as buffers XLA cannot fuse into their consumers.
 
     XLA fuses cheap-looking producers into every consumer, evaluated per output element: the
     rotary sines and cosines were recomputed for every head, layer, query and key, forward and
     backward (3.4% of the CPU bench step in libm's sincos, perf). A conditional is never fused;
-    its predicate is always true, which XLA cannot know. (optimization_barrier is dropped by
+    its predicate always holds, which XLA cannot know. (optimization_barrier is dropped by
     XLA:CPU before fusion.)"""
-    first = jax.tree.leaves(args)[0].ravel()[0]
-    always = first >= jnp.iinfo(first.dtype).min if jnp.issubdtype(first.dtype, jnp.integer) \
-        else ~jnp.isnan(first) | jnp.isnan(first)
-    return jax.lax.cond(always, fn, lambda *a: jax.tree.map(jnp.zeros_like,
-                                                            jax.eval_shape(fn, *a)), *args)
+    first = x.ravel()[0]
+    always = (first >= jnp.iinfo(first.dtype).min if jnp.issubdtype(first.dtype, jnp.integer)
+              else jnp.isnan(first) | ~jnp.isnan(first))
+    return jax.lax.cond(always, fn, lambda y: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, y)),
+                        x)
 
 
 def sinusoidal(positions_BL: jax.Array, d: int) -> jax.Array:

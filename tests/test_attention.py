@@ -104,3 +104,68 @@ def test_ring_with_segments_equals_reference(qkv, segments):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # Row 2 has a one-token first document: its query sees only itself.
     np.testing.assert_allclose(got[2, 0, :2], qkv[2][2, 0, :1].repeat(2, 0), atol=1e-6)
+
+
+def _count_dots(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+@pytest.fixture(scope="module")
+def long_qkv():
+    """Long enough for xla_attention's causal split; GQA with two query heads per KV head."""
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    Ls = attention.CAUSAL_SPLIT_MIN_LEN
+    return (jax.random.normal(kq, (2, Ls, 4, 16)) * 2.0, jax.random.normal(kk, (2, Ls, 2, 16)),
+            jax.random.normal(kv, (2, Ls, 2, 16)))
+
+
+@pytest.mark.parametrize("kind", ["plain", "segments", "window", "mask"])
+def test_causal_split_equals_one_block(long_qkv, kind):
+    """The two-halves path gives the one-block formula's outputs and gradients, and is taken:
+    four score/value matmuls instead of two."""
+    Ls = long_qkv[0].shape[1]
+    idx = np.arange(Ls)
+    kwargs, valid_BL11 = {}, jnp.ones((2, Ls, 1, 1))
+    if kind == "segments":  # documents that cross the halves' boundary, and one inside each
+        cuts = np.array([[40, Ls // 2 + 9], [Ls // 2 - 1, Ls // 2]])
+        kwargs["segment_ids_BL"] = jnp.asarray(1 + (idx >= cuts[:, :1]) + (idx >= cuts[:, 1:]))
+    elif kind == "window":
+        kwargs["window"] = 50
+    elif kind == "mask":  # as a left-padded cache would give: row 1 starts at slot 30
+        start = np.array([0, 30])[:, None, None]
+        kwargs["mask_BLS"] = jnp.asarray(np.broadcast_to(idx >= start, (2, Ls, Ls)))
+        # queries before the start see no key at all: their outputs are padding, never read
+        valid_BL11 = jnp.asarray(idx[None, :] >= start[:, 0], jnp.float32)[..., None, None]
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, causal=True, **kwargs)) * valid_BL11)
+
+    split, whole = attention.xla_attention, attention._attention_block
+    np.testing.assert_allclose(split(*long_qkv, causal=True, **kwargs) * valid_BL11,
+                               whole(*long_qkv, causal=True, **kwargs) * valid_BL11,
+                               rtol=1e-5, atol=1e-5)
+    for g_split, g_whole in zip(jax.grad(loss(split), argnums=(0, 1, 2))(*long_qkv),
+                                jax.grad(loss(whole), argnums=(0, 1, 2))(*long_qkv)):
+        np.testing.assert_allclose(g_split, g_whole, rtol=1e-4, atol=1e-5)
+    assert _count_dots(lambda *a: split(*a, causal=True, **kwargs), *long_qkv) == 4
+    assert _count_dots(lambda *a: whole(*a, causal=True, **kwargs), *long_qkv) == 2
+
+
+def test_causal_split_equals_independent_reference(long_qkv):
+    from tests.test_model import reference_attention
+    got = attention.attend(*long_qkv, impl="xla")
+    np.testing.assert_allclose(got, reference_attention(*map(np.asarray, long_qkv)), atol=1e-4)
+
+
+def test_no_causal_split_where_it_does_not_apply(long_qkv):
+    """Not causal, odd or short lengths, and a sequence split over 'seq' run in one block."""
+    q, k, v = long_qkv
+    assert _count_dots(lambda *a: attention.xla_attention(*a, causal=False), q, k, v) == 2
+    assert _count_dots(lambda *a: attention.xla_attention(*a, causal=True),
+                       q[:, 1:], k[:, 1:], v[:, 1:]) == 2
+    assert _count_dots(lambda *a: attention.xla_attention(*a, causal=True),
+                       q[:, :64], k[:, :64], v[:, :64]) == 2
+    seq_mesh = jax.make_mesh((2,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.devices()[:2])
+    with jax.set_mesh(seq_mesh):
+        assert _count_dots(lambda *a: attention.xla_attention(*a, causal=True), q, k, v) == 2

@@ -24,6 +24,7 @@ CHOICES = {
     "model.rope_scaling": rope_scaling.SCALINGS,
     "model.attention": attention.IMPLEMENTATIONS,
     "model.remat": ("none", "full", "dots_saveable", "offload"),
+    "model.weight_grad": ("auto", "transposed", "xla"),
     "model.parametrization": ("sp", "mup"),
     "data.source": ("text", "tfds", "synthetic"),
     "mesh.rules": tuple(sharding.RULES),
@@ -256,7 +257,7 @@ def _validate_long_context(m: ml_collections.ConfigDict, d: ml_collections.Confi
 RESUMABLE = ("train.steps", "train.tokens_budget", "train.flops_budget", "train.log_every",
              "train.eval_every", "train.eval_batches", "train.grad_accum", "train.on_nonfinite",
              "train.spike_factor", "train.init_from", "checkpoint.",
-             "mesh.", "model.attention", "model.remat", "profile.",
+             "mesh.", "model.attention", "model.remat", "model.weight_grad", "profile.",
              "train.compilation_cache_dir", "data.read_threads", "data.prefetch",
              "data.worker_count")
 

@@ -94,6 +94,54 @@ def computed_once(fn, x: jax.Array):
                         x)
 
 
+@jax.custom_vjp
+def _matmul_transposed_grad(x_TD: jax.Array, w_DF: jax.Array) -> jax.Array:
+    return x_TD @ w_DF
+
+
+def _matmul_fwd(x_TD, w_DF):
+    return x_TD @ w_DF, (x_TD, w_DF)
+
+
+def _matmul_bwd(residuals, g_TF):
+    x_TD, w_DF = residuals
+    return g_TF @ w_DF.T, jax.lax.optimization_barrier(x_TD.T) @ g_TF
+
+
+_matmul_transposed_grad.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def transposed_grad_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                                preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """jax.lax.dot_general for nnx.Linear whose weight gradient multiplies a materialised xᵀ.
+
+    XLA folds the transpose of dW = xᵀ·g into the dot; XLA:CPU then hands it to Eigen, as
+    YNNPACK takes no transposed left operand, and Eigen runs these 15-45% slower (3.4 vs 2.8 ms
+    for the bench MLP's, 26 vs 22 ms for its unembedding's). Behind an optimization_barrier the
+    transpose is not folded (the barrier itself is gone by the time XLA:CPU fuses), so every
+    dot stays on YNNPACK: the bench step 2-4% faster (docs/performance.md). Anything but a
+    plain 2-D matmul goes to lax.dot_general.
+    """
+    plain = (lhs.ndim == rhs.ndim == 2 and dimension_numbers == (((1,), (0,)), ((), ()))
+             and precision is None and preferred_element_type is None and out_sharding is None)
+    if not plain:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type,
+                                   out_sharding=out_sharding)
+    return _matmul_transposed_grad(lhs, rhs)
+
+
+WEIGHT_GRADS = ("auto", "transposed", "xla")
+
+
+def dense_dot_general(cfg: ml_collections.ConfigDict):
+    """The dot_general of dense layers for model.weight_grad ('auto': transposed on CPU)."""
+    choice = cfg.weight_grad
+    if choice == "auto":  # train.with_kernel resolves it for the mesh's devices
+        choice = "transposed" if jax.default_backend() == "cpu" else "xla"
+    return transposed_grad_dot_general if choice == "transposed" else jax.lax.dot_general
+
+
 def sinusoidal(positions_BL: jax.Array, d: int) -> jax.Array:
     """Fixed positions of Vaswani et al. 2017: sin on the first half of the width, cos after."""
     inv_freq = 10_000.0 ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
@@ -198,7 +246,7 @@ class Mlp(nnx.Module):
         def dense(d_in, d_out, names, std):
             return nnx.Linear(d_in, d_out, use_bias=cfg.use_bias, kernel_init=_normal(std, names),
                               bias_init=_named(nnx.initializers.zeros, names[1:]),
-                              rngs=rngs, **_dtypes(cfg))
+                              dot_general=dense_dot_general(cfg), rngs=rngs, **_dtypes(cfg))
 
         self.up = dense(D, F, ("embed", "mlp"), std)
         self.gate = dense(D, F, ("embed", "mlp"), std) if cfg.mlp == "swiglu" else None
@@ -281,7 +329,7 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs,
                                       kernel_init=_normal(cfg.init_std, ("embed", "vocab")),
-                                      **_dtypes(cfg))
+                                      dot_general=dense_dot_general(cfg), **_dtypes(cfg))
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,

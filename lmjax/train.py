@@ -268,20 +268,31 @@ class Functions:
     eval: Callable[[nnx.State, dict], dict]
 
 
-def with_kernel(cfg: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
-    """`cfg` with model.attention resolved for `platform` ('auto' -> the kernel it picks);
-    an attention kernel the platform lacks fails here, before anything is compiled."""
+def with_kernel(cfg: ml_collections.ConfigDict, platform: str,
+                weights_sharded: bool = False) -> ml_collections.ConfigDict:
+    """`cfg` with model.attention and model.weight_grad resolved for `platform` ('auto' -> what
+    it picks); an attention kernel the platform lacks fails here, before anything is compiled.
+
+    weight_grad 'auto' is 'transposed' on CPU with whole weights on every device: where FSDP or
+    tensor parallelism splits them, XLA gathers each weight again for the custom backward
+    instead of keeping the forward's gather (lmjax plan, bench on 4-way FSDP: all-gather bytes
+    +62% unrolled, +17% scanned)."""
     kernel = attention.resolve(cfg.model.attention, platform, cfg.model.dtype)
-    if kernel == cfg.model.attention:
+    weight_grad = cfg.model.weight_grad
+    if weight_grad == "auto":
+        weight_grad = "transposed" if platform == "cpu" and not weights_sharded else "xla"
+    if (kernel, weight_grad) == (cfg.model.attention, cfg.model.weight_grad):
         return cfg
     cfg = copy.deepcopy(cfg)
-    cfg.model.attention = kernel
+    cfg.model.attention, cfg.model.weight_grad = kernel, weight_grad
     return cfg
 
 
 def compile_fns(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Functions:
     """Jit init, train and eval steps with explicit shardings; call under the mesh and rules."""
-    cfg = with_kernel(cfg, mesh.devices.flat[0].platform)
+    sizes = dict(mesh.shape)
+    cfg = with_kernel(cfg, mesh.devices.flat[0].platform,
+                      weights_sharded=sizes.get("fsdp", 1) * sizes.get("tensor", 1) > 1)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: create(cfg)))
     sharding.check_divisible(abstract_state, mesh, cfg.mesh.rules)
     state_shardings = nnx.get_named_sharding(abstract_state, mesh)

@@ -145,7 +145,8 @@ def test_causal_split_equals_one_block(long_qkv, kind):
                                whole(*long_qkv, causal=True, **kwargs) * valid_BL11,
                                rtol=1e-5, atol=1e-5)
     for g_split, g_whole in zip(jax.grad(loss(split), argnums=(0, 1, 2))(*long_qkv),
-                                jax.grad(loss(whole), argnums=(0, 1, 2))(*long_qkv)):
+                                jax.grad(loss(whole), argnums=(0, 1, 2))(*long_qkv),
+                                strict=True):
         np.testing.assert_allclose(g_split, g_whole, rtol=1e-4, atol=1e-5)
     assert _count_dots(lambda *a: split(*a, causal=True, **kwargs), *long_qkv) == 4
     assert _count_dots(lambda *a: whole(*a, causal=True, **kwargs), *long_qkv) == 2

@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 from flax import nnx
 
-from lmjax import config, flops
+from lmjax import attention, config, flops
 from lmjax.model import Transformer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -109,7 +109,7 @@ def xla_forward_flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> f
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_forward_flops_agree_with_xla(kind):
+def test_forward_flops_agree_with_xla(kind, monkeypatch):
     """XLA counts every matmul (2 FLOPs per multiply-add) plus elementwise work, and computes the
     full T x T score matrix before masking. So per token, XLA = a + b·T with
 
@@ -122,6 +122,8 @@ def test_forward_flops_agree_with_xla(kind):
     full instead of causal attention halves the slope ratio; so a wrong formula fails.
     """
     m = small_model(kind)
+    # all T x T scores, as the formula's reasoning assumes (the causal split: the test below)
+    monkeypatch.setattr(attention, "CAUSAL_SPLIT_MIN_LEN", 10**9)
     t1, t2 = 128, 1024
     x1, x2 = xla_forward_flops_per_token(m, t1), xla_forward_flops_per_token(m, t2)
     f1, f2 = flops.forward_flops_per_token(m, t1), flops.forward_flops_per_token(m, t2)
@@ -134,6 +136,18 @@ def test_forward_flops_agree_with_xla(kind):
     for t, x, f in ((t1, x1, f1), (t2, x2, f2)):
         full = f + 2 * m.num_layers * t * m.num_heads * m.head_dim
         assert f < x < 1.03 * full
+
+
+def test_causal_split_skips_a_quarter_of_the_scores(monkeypatch):
+    """xla_attention's two query halves: XLA counts 3/4 of the full score and value matmuls
+    (plus the same elementwise work per score), the rest of the forward unchanged."""
+    m = small_model("llama")
+    T = 1024
+    split = xla_forward_flops_per_token(m, T)
+    monkeypatch.setattr(attention, "CAUSAL_SPLIT_MIN_LEN", 10**9)
+    full = xla_forward_flops_per_token(m, T)
+    full_scores = 2 * 2 * m.num_layers * T * m.num_heads * m.head_dim  # QK and PV, per token
+    assert 0.23 < (full - split) / full_scores < 0.27
 
 
 def test_report_shows_every_figure():

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from lmjax import config, flops, sharding, train
+from lmjax import attention, config, flops, sharding, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.slow
-def test_bench_train_step_flops_match_xla_cost_analysis():
+def test_bench_train_step_flops_match_xla_cost_analysis(monkeypatch):
     """XLA counts the step at 1.047x our figure (measured: 8.436e10 vs 8.056e10 FLOPs/step).
     Most of the gap is attention: XLA computes the full T x T scores and masks them, we count
     the causal half; against the full-attention count XLA is 1.007x, the rest being softmax,
@@ -21,7 +21,11 @@ def test_bench_train_step_flops_match_xla_cost_analysis():
 
     The other conventions: XLA is 0.77x Chinchilla's count, which charges the embedding lookup
     as a V x D matmul (23% of it here, V = 8192); without that term, 1.007x, as full attention.
-    XLA is 1.64x Kaplan's 6N, which leaves out the unembedding matmul and attention."""
+    XLA is 1.64x Kaplan's 6N, which leaves out the unembedding matmul and attention.
+
+    All with every score computed: xla_attention's causal split, which skips a quarter of
+    them, is off here (tests/test_flops.py measures what it saves)."""
+    monkeypatch.setattr(attention, "CAUSAL_SPLIT_MIN_LEN", 10**9)
     # unrolled: XLA's cost_analysis counts a scanned loop body once, not once per layer
     cfg = config.load(str(CONFIGS / "bench.py"), ["model.scan_layers=false"])
     mesh = sharding.make_mesh(cfg, jax.devices()[:1])

@@ -7,8 +7,14 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Tokenized-corpus cache: shared by this session's tests, never the user's ~/.cache.
+# Tokenized-corpus and XLA compilation caches: shared by this session's tests, never the
+# user's ~/.cache. One folder per pytest-xdist worker (`-n 2`): JAX writes a compilation-cache
+# entry in place, so a worker could otherwise read the other's half-written file.
 os.environ.setdefault("LMJAX_CACHE", tempfile.mkdtemp(prefix="lmjax-test-cache-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["LMJAX_CACHE"] = os.path.join(os.environ["LMJAX_CACHE"],
+                                             os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(os.environ["LMJAX_CACHE"], exist_ok=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `from configs import base` in tests, as config.load does for runs

@@ -31,6 +31,9 @@ def test_figures_are_consistent(devices):
     assert r["compile_s"] >= r["lower_s"] > 0
     assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
     assert r["peak_rss_mb"] > 0 and r["matmul_peak_gflops"] > 0
+    # the peak is the faster of the two matmul measurements, and MFU divides by it
+    assert r["matmul_peak_gflops"] == max(r["matmul_before_after_gflops"])
+    assert r["peak_flops_per_device"] == pytest.approx(r["matmul_peak_gflops"] * 1e9)
     assert r["loss"] == pytest.approx(r["loss"])  # finite
     json.dumps(r)  # the dict is the JSON line
 

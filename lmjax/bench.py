@@ -119,9 +119,9 @@ def run(model: str, devices: int, steps: int,
                 times.append(time.perf_counter() - start_step)
                 cpu_s += time.process_time() - start_cpu
         loss = float(step_metrics["train/loss"])
-    # A VM's cores change speed under a run (seen: 79 and 146 GFLOP/s in one process, minutes
-    # apart): the rate before the steps alone gave MFUs over 100%. The peak is the faster of
-    # the rates measured before and after them.
+    # A VM's cores change speed under a run (seen: 133 GFLOP/s before the steps, 176 after;
+    # once 79 before, against 140-170 in the processes around it, which read as 119% MFU).
+    # The peak is the faster of the rates measured before and after the steps.
     matmul_after = metrics.measured_matmul_flops()
     matmul = max(matmul_before, matmul_after)
     # On CPU the peak *is* the measured matmul rate (metrics.py); don't measure it again.

@@ -15,7 +15,7 @@ import sys
 import jax.numpy as jnp
 import ml_collections
 
-from lmjax import attention, flops, optim, rope_scaling, sharding
+from lmjax import attention, flops, model, optim, rope_scaling, sharding
 
 CHOICES = {
     "model.mlp": ("swiglu", "gelu"),
@@ -24,7 +24,7 @@ CHOICES = {
     "model.rope_scaling": rope_scaling.SCALINGS,
     "model.attention": attention.IMPLEMENTATIONS,
     "model.remat": ("none", "full", "dots_saveable", "offload"),
-    "model.weight_grad": ("auto", "transposed", "xla"),
+    "model.weight_grad": model.WEIGHT_GRADS,
     "model.parametrization": ("sp", "mup"),
     "data.source": ("text", "tfds", "synthetic"),
     "mesh.rules": tuple(sharding.RULES),

@@ -14,7 +14,6 @@ rate is reported on every backend, so CPU and accelerator runs read the same way
 The last line printed is one JSON object (`run`'s dict), for scripts and sweeps.
 """
 
-import importlib.util
 import json
 import os
 import resource
@@ -49,9 +48,7 @@ def models() -> dict[str, str]:
     specs = {"bench": os.path.join(CONFIGS, "bench.py")}
     for family, table in FAMILIES.items():
         path = os.path.join(CONFIGS, f"{family}.py")
-        module_spec = importlib.util.spec_from_file_location(f"lmjax_bench_{family}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        module = config_lib.import_file(path)  # with configs/'s folder on sys.path
         specs.update({f"{family}-{arg}": f"{path}:{arg}" for arg in getattr(module, table)})
     return specs
 

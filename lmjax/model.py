@@ -90,8 +90,11 @@ def computed_once(fn, x: jax.Array):
     first = x.ravel()[0]
     always = (first >= jnp.iinfo(first.dtype).min if jnp.issubdtype(first.dtype, jnp.integer)
               else jnp.isnan(first) | ~jnp.isnan(first))
-    return jax.lax.cond(always, fn, lambda y: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, y)),
-                        x)
+
+    def zeros(y):  # typed as y is: varying over a shard_map's manual axes where y is
+        return jax.tree.map(lambda s: jnp.zeros_like(y, s.dtype, s.shape), jax.eval_shape(fn, y))
+
+    return jax.lax.cond(always, fn, zeros, x)
 
 
 @jax.custom_vjp

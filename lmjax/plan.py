@@ -12,6 +12,9 @@ count, bytes of its result), next to what the parallelism should cost on paper:
             unless XLA keeps it), reduce-scatter of its gradient: 1/fsdp of it per device
   TP        all-reduce of the [B/dp, L, D] activations after attention and the MLP, forward
             and backward: 4 per layer
+  ZeRO-1    (mesh.shard_optimizer, data > 1) DP's all-reduce becomes a reduce-scatter of each
+            gradient over 'data' (1/data of it per device) and an all-gather of the updated
+            weight; a weight no dimension of which 'data' divides is still all-reduced
 
 Bytes are per device and per step, counted from each op's result shape as it appears once in
 the program, times its loop's trip count (scan over layers, grad_accum's scan).
@@ -149,24 +152,29 @@ def expected(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
     """
     model_state = abstract_state[0]  # (model, optimizer): the moments never travel
     dp, fsdp, tp = mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
-    replicas = dp * mesh_shape["seq"]  # devices holding the same shard of each weight
-    gathered = regathered = reduced = 0  # bytes of weights FSDP splits, and of those it does not
+    zero1 = cfg.mesh.shard_optimizer and dp > 1
+    out = {"all-reduce": 0, "all-gather": 0, "reduce-scatter": 0}
     for _, var in sharding._logical_params(model_state):
         names = var.get_metadata()["out_sharding"]
         spec = sharding.expected_spec(names, cfg.mesh.rules)
         nbytes = math.prod(var.shape) * jnp.dtype(var.dtype).itemsize
         axes = {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str)
                                                        else entry)}
-        local = nbytes // math.prod(mesh_shape[a] for a in axes)
-        if "fsdp" in axes and fsdp > 1:
-            gathered += local * fsdp
-            regathered += local * fsdp if "layers" in names else 0
-        elif replicas * fsdp > 1:
-            reduced += local
-    out = {"all-reduce": reduced, "all-gather": gathered + regathered,
-           "reduce-scatter": gathered // fsdp if fsdp > 1 else 0}
-    if replicas > 1 and fsdp > 1:  # the fsdp-reduced gradient shards are then summed
-        out["all-reduce"] += gathered // fsdp
+        local = nbytes // math.prod(mesh_shape[a] for a in axes)  # one device's shard
+        replicas = mesh_shape["seq"]  # other devices with the same shard, gradients summed
+        if "fsdp" in axes and fsdp > 1:  # gathered before use; its gradient reduce-scattered
+            out["all-gather"] += local * fsdp * (2 if "layers" in names else 1)
+            out["reduce-scatter"] += local
+        else:
+            replicas *= fsdp
+        # over 'data' too, unless ZeRO-1 reduce-scatters it there (and gathers the new shard)
+        if zero1 and sharding.data_dim(spec, var.shape, mesh_shape) is not None:
+            out["reduce-scatter"] += local // dp
+            out["all-gather"] += local
+        else:
+            replicas *= dp
+        if replicas > 1:
+            out["all-reduce"] += local
     if tp > 1:
         rows = cfg.data.global_batch_size // (dp * fsdp)
         tokens = rows * cfg.data.seq_len // mesh_shape["seq"]
@@ -264,11 +272,11 @@ def roofline(*, flops_per_device: float, hbm_bytes_per_device: float | None,
             "mfu": model_flops_per_device / peak / step if step else None}
 
 
-def link_bytes(found: dict[str, dict[str, int]], fsdp: int) -> int:
+def link_bytes(found: dict[str, dict[str, int]], ways: int) -> int:
     """Bytes a device sends for the collectives of one step, from their result sizes: a ring
     all-reduce sends ~2x its result, an all-gather ~1x, a reduce-scatter ~(ways - 1)x its (1/ways)
     result; point-to-point ops (ring attention's permutes, all-to-all) 1x."""
-    weight = {"all-reduce": 2, "reduce-scatter": max(fsdp - 1, 1)}
+    weight = {"all-reduce": 2, "reduce-scatter": max(ways - 1, 1)}
     return sum(v["bytes"] * weight.get(kind, 1) for kind, v in found.items())
 
 
@@ -315,18 +323,21 @@ def _roofline(cfg, compiled, found, want, mesh_shape, num_devices, kind) -> dict
     cost = cost[0] if isinstance(cost, list) else cost
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     model_flops = flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens / num_devices
-    # By kind, coarsely: gradient all-reduces cross slices when data spans them, weight gathers
-    # and gradient scatters when fsdp does, ring attention's permutes when seq does.
+    # By kind, coarsely: gradient all-reduces (ZeRO-1: scatters and gathers) cross slices when
+    # data spans them, weight gathers and gradient scatters when fsdp does, ring attention's
+    # permutes when seq does.
     dcn = sharding.dcn_shape(cfg)
-    crossing = {op for axis, ops in (("data", ("all-reduce",)),
+    zero1 = ("reduce-scatter", "all-gather") if cfg.mesh.shard_optimizer else ()
+    crossing = {op for axis, ops in (("data", ("all-reduce", *zero1)),
                                          ("fsdp", ("all-gather", "reduce-scatter")),
                                          ("seq", ("collective-permute",)),
                                          ("tensor", ("all-reduce",)))
                 if dcn[sharding.AXES.index(axis)] > 1 for op in ops}
     measured = found if found is not None else {k: {"bytes": v} for k, v in want.items()}
-    total = link_bytes(measured, mesh_shape["fsdp"])
-    dcn_bytes = link_bytes({k: v for k, v in measured.items() if k in crossing},
-                           mesh_shape["fsdp"])
+    # reduce-scatters run over 'fsdp', or with ZeRO-1 over 'data' too: costed at the wider
+    ways = max(mesh_shape["fsdp"], mesh_shape["data"] if cfg.mesh.shard_optimizer else 1)
+    total = link_bytes(measured, ways)
+    dcn_bytes = link_bytes({k: v for k, v in measured.items() if k in crossing}, ways)
     # The larger count: HLO FLOPs include masked work, but none of a custom call's (splash
     # and other Pallas kernels are invisible to XLA's cost analysis) and a loop body's once
     # (scan_layers); model FLOPs plus full remat's second forward (4/3) are the floor.

@@ -170,19 +170,42 @@ def embed_lookup(table_VD: jax.Array, tokens_BL: jax.Array) -> jax.Array:
                          axis_names=set(axes))(table_VD, tokens_BL)
 
 
-def over_data(spec: P, shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> P:
-    """`spec` with mesh axis 'data' added to the first dimension that is not split yet (its
-    axes, if any, all of size 1) and that 'data' divides: where mesh.shard_optimizer keeps a
-    weight's Adam moments and its update. A leaf no dimension of which qualifies (a small
-    bias) stays as it was, i.e. replicated over 'data'."""
+def data_dim(spec: P, shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> int | None:
+    """The first dimension of a `shape` leaf laid out as `spec` that is not split yet (its axes,
+    if any, all of size 1) and that mesh axis 'data' divides; None if there is none (a small
+    bias) or 'data' has one device. Where mesh.shard_optimizer splits a weight's Adam moments,
+    its update and its gradient's reduce-scatter."""
     data = mesh_sizes["data"]
     dims = list(spec) + [None] * (len(shape) - len(spec))
     for i, (size, axes) in enumerate(zip(shape, dims, strict=True)):
         axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
         if data > 1 and math.prod(mesh_sizes[a] for a in axes) == 1 and size % data == 0:
-            dims[i] = (*axes, "data") if axes else "data"
-            return P(*dims)
-    return spec
+            return i
+    return None
+
+
+def over_data(spec: P, shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> P:
+    """`spec` with mesh axis 'data' added to `data_dim`; unchanged (replicated over 'data')
+    where there is no such dimension."""
+    i = data_dim(spec, shape, mesh_sizes)
+    if i is None:
+        return spec
+    dims = list(spec) + [None] * (len(shape) - len(spec))
+    axes = () if dims[i] is None else (dims[i],) if isinstance(dims[i], str) else tuple(dims[i])
+    dims[i] = (*axes, "data") if axes else "data"
+    return P(*dims)
+
+
+def without_axis(rules_pairs, axis: str) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """Logical axis rules with mesh axis `axis` taken out of every mapping: the rules inside a
+    shard_map that is manual over `axis`, where each device already holds its own slice."""
+    def drop(mapped):
+        if mapped is None or isinstance(mapped, str):
+            return None if mapped == axis else mapped
+        kept = tuple(a for a in mapped if a != axis)
+        return kept[0] if len(kept) == 1 else kept or None
+
+    return tuple((name, drop(mapped)) for name, mapped in rules_pairs)
 
 
 def shard_optimizer_state(shardings, abstract_state, mesh: jax.sharding.Mesh):

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import math
 import os
 import signal
 import threading
@@ -26,7 +27,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from flax.core import spmd
 from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from lmjax import attention, checkpoint, flops, loss, metrics, mup, optim, profiler, sharding
@@ -57,6 +60,77 @@ def _loss_and_grads(graphdef, params, rest, batch, num_tokens, key, cfg):
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
+def _accumulated_grads(graphdef, params, rest, batch, key, *, num_tokens, cfg):
+    """(aux, grads) of the whole batch, over train.grad_accum micro-batches if asked."""
+    grad_fn = functools.partial(_loss_and_grads, graphdef, rest=rest, num_tokens=num_tokens,
+                                cfg=cfg)
+    accum = cfg.train.grad_accum
+    if accum == 1:
+        (_, aux), grads = grad_fn(params, batch=batch, key=key)
+        return aux, grads
+    # scan over micro-batches: one micro-batch of activations alive at a time
+    micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+    def body(carry, inputs):
+        i, mb = inputs
+        (_, aux), grads = grad_fn(params, batch=mb, key=jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (aux, grads)), None
+
+    shapes = jax.eval_shape(
+        lambda: grad_fn(params, batch=jax.tree.map(lambda x: x[0], micro), key=key))
+    ref = batch["weights"]  # zeros typed as the batch is: varying over a shard_map's manual axes
+    zeros = jax.tree.map(lambda s: jnp.zeros_like(ref, s.dtype, s.shape), shapes)
+    (aux, grads), _ = jax.lax.scan(body, (zeros[0][1], zeros[1]), (jnp.arange(accum), micro))
+    return aux, grads
+
+
+def _has_own_shard_map(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> bool:
+    """Whether the model runs a shard_map of its own (ring or splash attention, a vocab-split
+    embedding lookup). Nested in _reduce_scattered_grads' manual 'data' region it fails to lower
+    in JAX 0.10 (its jvp residuals are named with the parent's 'data' axis); there ZeRO-1 falls
+    back to a sharding constraint on the gradients, which XLA's TPU and GPU partitioners turn
+    into the same reduce-scatter."""
+    vocab = sharding.RULES[cfg.mesh.rules]["vocab"]
+    vocab = (vocab,) if isinstance(vocab, str) else tuple(vocab or ())
+    return cfg.model.attention in ("ring", "splash") or math.prod(sizes[a] for a in vocab) > 1
+
+
+def _reduce_scattered_grads(grads_fn, params, rest, batch, key):
+    """ZeRO-1's gradients: each 'data' replica computes its rows' gradients alone, and one
+    reduce-scatter per weight leaves replica i the sum of its 1/data slice (sharding.over_data),
+    the slice its Adam moments hold.
+
+    Written by hand (shard_map, manual over 'data' only; FSDP/TP stay XLA's) because XLA:CPU
+    lowers the same layout asked for with a sharding constraint as an all-reduce, a slice and
+    an all-gather. With grad_accum, micro-batch gradients add up locally: one reduce-scatter a
+    step, not one all-reduce per micro-batch. Dropout masks differ per replica (the key is
+    folded with the replica index), so they are not the ones a 1-device run draws.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = dict(mesh.shape)
+    leaves, treedef = jax.tree.flatten(params)
+    specs = jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: isinstance(x, P))
+    dims = [sharding.data_dim(spec, x.shape, sizes) for spec, x in zip(specs, leaves, strict=True)]
+    local_rules = sharding.without_axis(spmd.get_logical_axis_rules(), "data")
+
+    def local(leaves, rest, batch, key):
+        # varying over 'data': each replica's gradient stays its own until the reduce-scatter
+        leaves = [jax.lax.pcast(x, "data", to="varying") for x in leaves]
+        key = jax.random.fold_in(key, jax.lax.axis_index("data"))
+        with nnx.logical_axis_rules(local_rules):
+            aux, grads = grads_fn(jax.tree.unflatten(treedef, leaves), rest, batch, key)
+        summed = [jax.lax.psum(g, "data") if d is None else
+                  jax.lax.psum_scatter(g, "data", scatter_dimension=d, tiled=True)
+                  for g, d in zip(jax.tree.leaves(grads), dims, strict=True)]
+        return jax.lax.psum(aux, "data"), summed
+
+    out_specs = [P() if d is None else P(*(None,) * d, "data") for d in dims]
+    aux, summed = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data"), P()),
+                                out_specs=(P(), out_specs), axis_names={"data"})(
+        leaves, rest, batch, key)
+    return aux, jax.tree.unflatten(treedef, summed)
+
+
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *,
                cfg: ml_collections.ConfigDict) -> tuple[nnx.State, dict]:
     # merge shares Variables with `state`, so the update below overwrites it: keep the old values
@@ -66,25 +140,14 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *,
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     num_tokens = jnp.maximum(batch["weights"].sum(), 1.0)
-    accum = cfg.train.grad_accum
-    grad_fn = functools.partial(_loss_and_grads, model_def, rest=rest, num_tokens=num_tokens,
-                                cfg=cfg)
-    if accum == 1:
-        (_, aux), grads = grad_fn(params, batch=batch, key=key)
-    else:  # scan over micro-batches: one micro-batch of activations alive at a time
-        micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
-
-        def body(carry, inputs):
-            i, mb = inputs
-            (_, aux), grads = grad_fn(params, batch=mb, key=jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, carry, (aux, grads)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: grad_fn(params, batch=jax.tree.map(lambda x: x[0], micro), key=key)))
-        (aux, grads), _ = jax.lax.scan(body, (zeros[0][1], zeros[1]),
-                                       (jnp.arange(accum), micro))
-    if cfg.mesh.shard_optimizer:  # ZeRO-1: each replica updates its 1/data of every weight
-        sizes = dict(jax.sharding.get_abstract_mesh().shape)
+    grads_fn = functools.partial(_accumulated_grads, model_def, num_tokens=num_tokens, cfg=cfg)
+    sizes = dict(jax.sharding.get_abstract_mesh().shape)
+    zero1 = cfg.mesh.shard_optimizer and sizes.get("data", 1) > 1
+    if zero1 and not _has_own_shard_map(cfg, sizes):
+        aux, grads = _reduce_scattered_grads(grads_fn, params, rest, batch, key)
+    else:
+        aux, grads = grads_fn(params, rest, batch, key)
+    if zero1:  # (a no-op after _reduce_scattered_grads) each replica updates its 1/data slice
         grads = jax.tree.map(
             lambda g, spec: jax.lax.with_sharding_constraint(
                 g, sharding.over_data(spec, g.shape, sizes)),

@@ -62,11 +62,11 @@ def test_missing_configs_folder_says_where_it_looked(monkeypatch, tmp_path):
         bench.models()
 
 
-def _bench_command(env=None):
+def _bench_command(env=None, cwd=ROOT):
     overrides = [f"--config.{o}" for o in TINY]
     out = subprocess.run(
         [sys.executable, "-m", "lmjax", "bench", "--model=bench", "--steps=1", *overrides],
-        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300, env=env)
+        cwd=cwd, capture_output=True, text=True, check=True, timeout=300, env=env)
     return out.stdout.strip().splitlines()
 
 
@@ -79,10 +79,12 @@ def test_command_prints_json_last_and_runs_with_huge_page_malloc():
     assert r["glibc_tunables"] == cli.HOST_MALLOC_TUNABLE
 
 
-def test_host_malloc_keeps_the_users_tunables_or_opts_out():
+def test_host_malloc_keeps_the_users_tunables_or_opts_out(tmp_path):
     users = "glibc.malloc.trim_threshold=1000000000"
     r = json.loads(_bench_command({**os.environ, "GLIBC_TUNABLES": users})[-1])
     assert r["glibc_tunables"] == f"{users}:{cli.HOST_MALLOC_TUNABLE}"
     env = {**os.environ, "LMJAX_HOST_MALLOC": "default"}
     env.pop("GLIBC_TUNABLES", None)
-    assert json.loads(_bench_command(env)[-1])["glibc_tunables"] == ""
+    # run from elsewhere: without the re-exec nothing else puts the checkout on sys.path, and
+    # the named models' config files must still import `configs.base`
+    assert json.loads(_bench_command(env, cwd=tmp_path)[-1])["glibc_tunables"] == ""

@@ -33,7 +33,12 @@ def _plan(*overrides):
 
 @pytest.fixture(scope="module")
 def dp():
-    return _plan("mesh.data=4", "mesh.rules=dp")
+    return _plan("mesh.data=4", "mesh.rules=dp", "mesh.shard_optimizer=False")
+
+
+@pytest.fixture(scope="module")
+def zero1():
+    return _plan("mesh.data=4", "mesh.rules=dp", "mesh.shard_optimizer=True")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,18 @@ def test_dp_all_reduces_every_gradient_once(dp):
     assert set(dp["collectives"]) == {"all-reduce"}
     assert dp["collectives"]["all-reduce"]["bytes"] == pytest.approx(PARAM_BYTES,
                                                                      rel=SCALARS_RTOL)
+
+
+def test_zero1_reduce_scatters_every_gradient_and_gathers_every_weight(zero1):
+    """Every bench weight has a dimension 4 divides, so nothing but scalars is all-reduced."""
+    assert zero1["expected_bytes"] == {"all-reduce": 0, "all-gather": PARAM_BYTES,
+                                       "reduce-scatter": PARAM_BYTES // 4}
+    got = zero1["collectives"]
+    assert got["reduce-scatter"]["bytes"] == PARAM_BYTES // 4
+    assert got["all-gather"]["bytes"] == PARAM_BYTES
+    assert got["all-reduce"]["bytes"] < 1024  # tens of scalars: the loss, token count, norms
+    # the moments are split over 'data', the weights whole: 1 + 2/4 of the params aliased
+    assert zero1["memory_per_device"]["alias"] == pytest.approx(1.5 * PARAM_BYTES, rel=1e-4)
 
 
 def test_fsdp_gathers_weights_once_and_reduces_gradients(fsdp):
@@ -189,7 +206,7 @@ def test_roofline_arithmetic():
 def test_link_bytes_weights_each_kind_by_what_a_ring_sends():
     found = {"all-reduce": {"bytes": 100}, "all-gather": {"bytes": 10},
              "reduce-scatter": {"bytes": 3}, "collective-permute": {"bytes": 1}}
-    assert plan.link_bytes(found, fsdp=4) == 2 * 100 + 10 + 3 * 3 + 1
+    assert plan.link_bytes(found, ways=4) == 2 * 100 + 10 + 3 * 3 + 1
 
 
 def test_chip_table_matches_kinds_by_longest_prefix():

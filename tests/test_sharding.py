@@ -1,3 +1,6 @@
+import math
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -159,27 +162,47 @@ def test_over_data_takes_the_first_free_dimension_data_divides():
     assert sharding.over_data(P(None, None), (64, 256), {**sizes, "data": 1}) == P(None, None)
 
 
+def _three_steps(cfg):
+    """Losses and final state of three steps on fixed batches, and the step's compiled HLO."""
+    mesh = sharding.make_mesh(cfg)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
+        fns = train.compile_fns(cfg, mesh)
+        state, losses = fns.init(), []
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            rows = rng.integers(0, 512, (8, 33))
+            batch = sharding.to_global({"inputs": rows[:, :-1], "targets": rows[:, 1:],
+                                        "weights": np.ones((8, 32), np.float32)}, mesh)
+            state, m = fns.step(state, batch)
+            losses.append(float(m["train/loss"]))
+        hlo = fns.step.lower(state, batch).compile().as_text()
+    return state, losses, hlo
+
+
+def _collectives(hlo, op):
+    """Element counts of the results of each `op` in compiled HLO text (tuples: the largest)."""
+    sizes = []
+    for line in hlo.splitlines():
+        if f" {op}(" in line or f" {op}-start(" in line:
+            result = line.split("=", 1)[1].split(f" {op}", 1)[0]
+            dims = [[int(d) for d in m.split(",") if d] for m in re.findall(r"\[([\d,]*)\]",
+                                                                                result)]
+            sizes.append(max(math.prod(d) for d in dims))
+    return sizes
+
+
 def test_shard_optimizer_splits_adam_moments_and_trains_like_plain_dp():
     """ZeRO-1 on 8 data-parallel devices: the moments live 1/8 per device, the weights stay
-    whole, and three steps give plain DP's losses and weights."""
-    def three_steps(shard_optimizer):
-        cfg = make_cfg(8, 1, 1, rules="dp")
-        cfg.mesh.shard_optimizer = shard_optimizer
-        mesh = sharding.make_mesh(cfg)
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
-            fns = train.compile_fns(cfg, mesh)
-            state, losses = fns.init(), []
-            rng = np.random.default_rng(0)
-            for _ in range(3):
-                rows = rng.integers(0, 512, (8, 33))
-                batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:],
-                         "weights": np.ones((8, 32), np.float32)}
-                state, m = fns.step(state, sharding.to_global(batch, mesh))
-                losses.append(float(m["train/loss"]))
-        return state, losses
+    whole, and three steps give plain DP's losses and weights. Its gradients are summed by one
+    reduce-scatter per weight (written by hand: XLA:CPU would all-reduce them), where plain DP
+    all-reduces whole gradients."""
+    def cfg(shard_optimizer):
+        c = make_cfg(8, 1, 1, rules="dp")
+        c.mesh.shard_optimizer = shard_optimizer
+        return c
 
-    sharded, sharded_losses = three_steps(True)
-    plain, plain_losses = three_steps(False)
+    sharded, sharded_losses, sharded_hlo = _three_steps(cfg(True))
+    plain, plain_losses, plain_hlo = _three_steps(cfg(False))
     np.testing.assert_allclose(sharded_losses, plain_losses, rtol=1e-6)
     up = sharded[0]["blocks"][0]["mlp"]["up"]["kernel"][...]
     assert up.sharding.spec == P(None, None)  # weights: whole on every device, as 'dp' says
@@ -189,3 +212,25 @@ def test_shard_optimizer_splits_adam_moments_and_trains_like_plain_dp():
     assert mu_up.addressable_shards[0].data.size == up.size // 8
     for a, b in zip(jax.tree.leaves(sharded[0]), jax.tree.leaves(plain[0]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+    weights = jax.tree.leaves(sharded[0])  # every one has a dimension 8 divides
+    assert max(_collectives(plain_hlo, "all-reduce")) >= up.size  # whole gradients
+    assert sorted(_collectives(sharded_hlo, "reduce-scatter")) == sorted(
+        w.size // 8 for w in weights)
+    assert max(_collectives(sharded_hlo, "all-reduce")) < 64  # only the loss and norms
+
+
+def test_shard_optimizer_with_fsdp_and_with_tensor_parallelism_trains_like_plain():
+    """ZeRO-1 over 'data' on top of FSDP (the hand-written reduce-scatter, 'fsdp' left to XLA)
+    and on top of tensor parallelism (whose vocab-split embedding is a shard_map of its own, so
+    ZeRO-1 falls back to a sharding constraint): both match the same mesh without it."""
+    for data, fsdp, tensor in [(2, 4, 1), (2, 2, 2)]:
+        runs = []
+        for shard_optimizer in (True, False):
+            c = make_cfg(data, fsdp, tensor)
+            c.mesh.shard_optimizer = shard_optimizer
+            runs.append(_three_steps(c))
+        (sharded, sharded_losses, _), (plain, plain_losses, _) = runs
+        np.testing.assert_allclose(sharded_losses, plain_losses, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(sharded[0]), jax.tree.leaves(plain[0]), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -162,8 +162,9 @@ def test_over_data_takes_the_first_free_dimension_data_divides():
     assert sharding.over_data(P(None, None), (64, 256), {**sizes, "data": 1}) == P(None, None)
 
 
-def _three_steps(cfg):
-    """Losses and final state of three steps on fixed batches, and the step's compiled HLO."""
+def _three_steps(cfg, hlo=False):
+    """Losses and final state of three steps on fixed batches, and (if asked) the step's
+    compiled HLO."""
     mesh = sharding.make_mesh(cfg)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
         fns = train.compile_fns(cfg, mesh)
@@ -175,8 +176,8 @@ def _three_steps(cfg):
                                         "weights": np.ones((8, 32), np.float32)}, mesh)
             state, m = fns.step(state, batch)
             losses.append(float(m["train/loss"]))
-        hlo = fns.step.lower(state, batch).compile().as_text()
-    return state, losses, hlo
+        text = fns.step.lower(state, batch).compile().as_text() if hlo else None
+    return state, losses, text
 
 
 def _collectives(hlo, op):
@@ -201,8 +202,8 @@ def test_shard_optimizer_splits_adam_moments_and_trains_like_plain_dp():
         c.mesh.shard_optimizer = shard_optimizer
         return c
 
-    sharded, sharded_losses, sharded_hlo = _three_steps(cfg(True))
-    plain, plain_losses, plain_hlo = _three_steps(cfg(False))
+    sharded, sharded_losses, sharded_hlo = _three_steps(cfg(True), hlo=True)
+    plain, plain_losses, plain_hlo = _three_steps(cfg(False), hlo=True)
     np.testing.assert_allclose(sharded_losses, plain_losses, rtol=1e-6)
     up = sharded[0]["blocks"][0]["mlp"]["up"]["kernel"][...]
     assert up.sharding.spec == P(None, None)  # weights: whole on every device, as 'dp' says
@@ -223,14 +224,17 @@ def test_shard_optimizer_splits_adam_moments_and_trains_like_plain_dp():
 def test_shard_optimizer_with_fsdp_and_with_tensor_parallelism_trains_like_plain():
     """ZeRO-1 over 'data' on top of FSDP (the hand-written reduce-scatter, 'fsdp' left to XLA)
     and on top of tensor parallelism (whose vocab-split embedding is a shard_map of its own, so
-    ZeRO-1 falls back to a sharding constraint): both match the same mesh without it."""
-    for data, fsdp, tensor in [(2, 4, 1), (2, 2, 2)]:
-        runs = []
-        for shard_optimizer in (True, False):
-            c = make_cfg(data, fsdp, tensor)
-            c.mesh.shard_optimizer = shard_optimizer
-            runs.append(_three_steps(c))
-        (sharded, sharded_losses, _), (plain, plain_losses, _) = runs
+    ZeRO-1 falls back to a sharding constraint): both match plain data x FSDP."""
+    def cfg(data, fsdp, tensor, shard_optimizer):
+        c = make_cfg(data, fsdp, tensor)
+        c.mesh.shard_optimizer = shard_optimizer
+        return c
+
+    plain, plain_losses, _ = _three_steps(cfg(2, 4, 1, False))
+    for mesh in [(2, 4, 1), (2, 2, 2)]:
+        sharded, sharded_losses, _ = _three_steps(cfg(*mesh, True))
         np.testing.assert_allclose(sharded_losses, plain_losses, rtol=1e-6)
+        # a TP split reassociates sums, and Adam magnifies that in the smallest gradients
+        # (seen: 1.8e-5 relative in 1 of 16,384 weights); a wrong sum is off by O(1)
         for a, b in zip(jax.tree.leaves(sharded[0]), jax.tree.leaves(plain[0]), strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -158,8 +158,7 @@ def expected(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
         names = var.get_metadata()["out_sharding"]
         spec = sharding.expected_spec(names, cfg.mesh.rules)
         nbytes = math.prod(var.shape) * jnp.dtype(var.dtype).itemsize
-        axes = {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str)
-                                                       else entry)}
+        axes = {a for entry in spec for a in sharding.axes_of(entry)}
         local = nbytes // math.prod(mesh_shape[a] for a in axes)  # one device's shard
         replicas = mesh_shape["seq"]  # other devices with the same shard, gradients summed
         if "fsdp" in axes and fsdp > 1:  # gathered before use; its gradient reduce-scattered

@@ -61,6 +61,11 @@ def rules(name: str) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     return tuple(RULES[name].items())
 
 
+def axes_of(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The mesh axes one entry of a PartitionSpec or rule names: None, one name, or several."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     """Axis sizes (ici x dcn), with one ici -1 filled by the devices the others leave."""
     dcn = dcn_shape(cfg)
@@ -153,7 +158,7 @@ def embed_lookup(table_VD: jax.Array, tokens_BL: jax.Array) -> jax.Array:
     """
     mesh = jax.sharding.get_abstract_mesh()
     axes = spmd.get_logical_axis_rules() and dict(spmd.get_logical_axis_rules()).get("vocab")
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = axes_of(axes or None)
     ways = 1 if mesh.empty else math.prod(mesh.shape[a] for a in axes)
     if ways == 1:
         return jnp.take(constrain(table_VD, (None, None)), tokens_BL, axis=0)
@@ -178,8 +183,7 @@ def data_dim(spec: P, shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> int
     data = mesh_sizes["data"]
     dims = list(spec) + [None] * (len(shape) - len(spec))
     for i, (size, axes) in enumerate(zip(shape, dims, strict=True)):
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        if data > 1 and math.prod(mesh_sizes[a] for a in axes) == 1 and size % data == 0:
+        if data > 1 and math.prod(mesh_sizes[a] for a in axes_of(axes)) == 1 and size % data == 0:
             return i
     return None
 
@@ -191,7 +195,7 @@ def over_data(spec: P, shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> P:
     if i is None:
         return spec
     dims = list(spec) + [None] * (len(shape) - len(spec))
-    axes = () if dims[i] is None else (dims[i],) if isinstance(dims[i], str) else tuple(dims[i])
+    axes = axes_of(dims[i])
     dims[i] = (*axes, "data") if axes else "data"
     return P(*dims)
 
@@ -200,9 +204,7 @@ def without_axis(rules_pairs, axis: str) -> tuple[tuple[str, str | tuple[str, ..
     """Logical axis rules with mesh axis `axis` taken out of every mapping: the rules inside a
     shard_map that is manual over `axis`, where each device already holds its own slice."""
     def drop(mapped):
-        if mapped is None or isinstance(mapped, str):
-            return None if mapped == axis else mapped
-        kept = tuple(a for a in mapped if a != axis)
+        kept = tuple(a for a in axes_of(mapped) if a != axis)
         return kept[0] if len(kept) == 1 else kept or None
 
     return tuple((name, drop(mapped)) for name, mapped in rules_pairs)
@@ -236,8 +238,7 @@ def check_divisible(abstract_state, mesh: jax.sharding.Mesh, preset: str) -> Non
     """Fail before compiling if a parameter dimension does not split evenly over its mesh axes."""
     for path, var in _logical_params(abstract_state):
         for dim, name in zip(var.shape, var.get_metadata()["out_sharding"], strict=True):
-            axes = RULES[preset][name] if name else None
-            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            axes = axes_of(RULES[preset][name] if name else None)
             ways = math.prod(mesh.shape[a] for a in axes)
             if dim % ways:
                 raise ValueError(

@@ -90,8 +90,7 @@ def _has_own_shard_map(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) ->
     in JAX 0.10 (its jvp residuals are named with the parent's 'data' axis); there ZeRO-1 falls
     back to a sharding constraint on the gradients, which XLA's TPU and GPU partitioners turn
     into the same reduce-scatter."""
-    vocab = sharding.RULES[cfg.mesh.rules]["vocab"]
-    vocab = (vocab,) if isinstance(vocab, str) else tuple(vocab or ())
+    vocab = sharding.axes_of(sharding.RULES[cfg.mesh.rules]["vocab"])
     return cfg.model.attention in ("ring", "splash") or math.prod(sizes[a] for a in vocab) > 1
 
 

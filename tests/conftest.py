@@ -4,8 +4,13 @@ import os
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `from configs import base` in tests, as config.load does for runs
+
+from tests import xla  # noqa: E402
+
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla.FAST_COMPILE,
+                                    "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tokenized-corpus and XLA compilation caches: shared by this session's tests, never the
 # user's ~/.cache. One folder per pytest-xdist worker (`-n 2`): JAX writes a compilation-cache
@@ -15,9 +20,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["LMJAX_CACHE"] = os.path.join(os.environ["LMJAX_CACHE"],
                                              os.environ["PYTEST_XDIST_WORKER"])
     os.makedirs(os.environ["LMJAX_CACHE"], exist_ok=True)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # `from configs import base` in tests, as config.load does for runs
 
 import jax  # noqa: E402
 

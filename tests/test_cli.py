@@ -7,11 +7,13 @@ import sys
 
 import pytest
 
+from tests import xla
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def lmjax(*args, devices=8):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "XLA_FLAGS": xla.flags(devices)}
     return subprocess.run([sys.executable, "-m", "lmjax", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from lmjax import distributed
+from tests import xla
 from tests.test_multiprocess_data import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,21 +83,24 @@ def test_restore_refuses_a_checkpoint_of_another_process_count(smoke_workdir, tm
 
 
 def _launch(*args: str, env: dict | None = None, timeout: float = 600):
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "XLA_FLAGS"}
+    """The launcher adds each process's device count to the XLA flags it is given."""
+    env = {**os.environ, "XLA_FLAGS": xla.FAST_COMPILE, **(env or {})}
     return subprocess.run([sys.executable, LAUNCH, *args], cwd=ROOT, env=env, timeout=timeout,
                           capture_output=True, text=True)
 
 
 def test_launcher_dry_run_prints_each_process_command():
     out = _launch("3", "--devices_per_process=2", "--port=4321", "--logdir=L", "--dry_run", "--",
-                  "lmjax",
-                  "train", "--config=configs/smoke.py", "--workdir=/tmp/w", timeout=60)
+                  "lmjax", "train", "--config=configs/smoke.py", "--workdir=/tmp/w",
+                  env={"XLA_FLAGS": "--xla_dump_to=D --xla_force_host_platform_device_count=8"},
+                  timeout=60)
     lines = out.stdout.splitlines()
     assert out.returncode == 0 and len(lines) == 3
     for i, line in enumerate(lines):
         assert line.startswith(f"JAX_COORDINATOR_ADDRESS=127.0.0.1:4321 JAX_NUM_PROCESSES=3 "
                                f"JAX_PROCESS_ID={i} JAX_PLATFORMS=cpu "
-                               f"XLA_FLAGS=--xla_force_host_platform_device_count=2 ")
+                               "XLA_FLAGS='--xla_dump_to=D "
+                               "--xla_force_host_platform_device_count=2' ")
         assert " train --config=configs/smoke.py --workdir=/tmp/w > L/process_" in line
         assert line.endswith(f"process_{i}.log")
 
@@ -166,9 +170,8 @@ def test_two_processes_train_checkpoint_resume_equal_one_process(tmp_path):
 def test_a_dead_process_stops_the_other_in_bounded_time(tmp_path):
     """Process 1 is SIGKILLed after step 3 (as by the OOM killer); process 0, left alone in a
     collective or waiting on heartbeats, must exit non-zero by itself rather than hang."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla.flags(4),
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2"}
     args = [sys.executable, *_train_args(str(tmp_path / "run")), "--heartbeat_timeout=10"]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**env, "JAX_PROCESS_ID": str(i),

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests import xla
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L, B = 32, 8
 
@@ -68,7 +70,7 @@ def test_two_processes_read_disjoint_shards_and_resume(tmp_path):
     for i in range(NUM_DOCS):
         (tmp_path / "in" / f"{i:03d}.txt").write_text(doc_text(i), encoding="utf-8")
     sources.build_tfds(str(tmp_path / "in" / "*.txt"), "tiny_docs", str(tmp_path / "out"), 0.1)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": xla.flags(4),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
     port = free_port()
     code = ("import sys; from tests.test_multiprocess_data import worker; "

@@ -12,6 +12,7 @@ import jax
 import pytest
 
 from lmjax import config, plan
+from tests import xla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARAM_BYTES = 8_390_912 * 4
@@ -114,7 +115,7 @@ def test_plan_refuses_a_mesh_the_devices_cannot_hold():
 
 @pytest.mark.slow
 def test_cli_plan_makes_its_own_fake_devices():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # plan must not need it
+    env = {**os.environ, "XLA_FLAGS": xla.FAST_COMPILE}  # no device count: plan must not need it
     out = subprocess.run([sys.executable, "-m", "lmjax", "plan", "--config=configs/bench.py",
                           "--devices=2", "--config.mesh.fsdp=2", "--config.mesh.rules=fsdp"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

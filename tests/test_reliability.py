@@ -23,6 +23,7 @@ from flax import nnx
 
 from configs import smoke
 from lmjax import checkpoint, config, sharding, train
+from tests import xla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # More saves and evals than smoke.py's defaults, so that kills have more places to land.
@@ -36,7 +37,7 @@ TIMING = ("tokens_per_s", "mfu")  # wall-clock figures, the only ones allowed to
 
 def subprocess_env(compile_cache: str) -> dict:
     """One CPU device (fast to compile) and a shared XLA compile cache: same program, same bits."""
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    return {**os.environ, "XLA_FLAGS": xla.flags(1),
             "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": compile_cache,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
@@ -435,7 +436,7 @@ def test_force_resume_through_the_cli(finished, tmp_path):
     shutil.copytree(finished, workdir)
     base = [sys.executable, "-m", "lmjax", "train", "--config=configs/smoke.py",
             f"--workdir={workdir}", "--config.mesh.data=1", "--config.model.mlp_dim=128"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla.flags(1)}
     out = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode != 0 and "Traceback" not in out.stderr

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from lmjax.scaling import sweep
+from tests import xla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = '''
@@ -28,7 +29,7 @@ def get_sweep():  # 2 widths x 2 token budgets: 20 and 400 steps of 8 x 32 token
 
 
 def lmjax_sweep(path, root, *args):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla.flags(1)}
     return subprocess.Popen([sys.executable, "-m", "lmjax", "sweep", f"--sweep={path}",
                              f"--root={root}", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

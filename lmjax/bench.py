@@ -69,6 +69,26 @@ def synthetic_batch(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
             "weights": np.ones(rows_BL1[:, 1:].shape, np.float32)}
 
 
+def xla_cpu_pool_threads() -> int | None:
+    """Threads in XLA:CPU's intra-op pool, counted from this process's task names (Linux).
+
+    The CPU client makes max(cores, devices) of them, so 8 fake devices on 2 cores run 8
+    threads: the oversubscription alone made a 1-device step 12% slower (docs/performance.md),
+    which is worth seeing beside a multi-device figure."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    count = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                count += "XLAEigen" in f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+    return count or None
+
+
 def _memory(compiled) -> dict[str, int | None]:
     """Per-device bytes XLA planned for the step; None where the backend does not say."""
     try:
@@ -158,12 +178,21 @@ def run(model: str, devices: int, steps: int,
         # really had. Below the core count, another process shared the machine.
         "cpu_util": cpu_s / sum(times),
         "host_cores": os.cpu_count(),
+        "xla_cpu_pool_threads": xla_cpu_pool_threads() if device.platform == "cpu" else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         # host allocator settings this process ran under (`lmjax` adds a huge-page one: cli.py)
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "loss": loss,
         "architecture": flops.describe(cfg.model),
     }
+
+
+def _pool(r: dict) -> str:
+    threads = r["xla_cpu_pool_threads"]
+    if threads is None:
+        return ""
+    over = r["host_cores"] is not None and threads > r["host_cores"]
+    return f", XLA pool of {threads} threads" + (": oversubscribed" if over else "")
 
 
 def table(r: dict) -> str:
@@ -191,7 +220,7 @@ def table(r: dict) -> str:
         ("peak RSS", f"{r['peak_rss_mb']:,.0f} MB"),
         ("malloc", r["glibc_tunables"] or "glibc defaults"),
         ("host CPU", f"{r['cpu_util']:.2f} s of process CPU time per s of step "
-                     f"({r['host_cores']} cores)"),
+                     f"({r['host_cores']} cores{_pool(r)})"),
         ("final loss", f"{r['loss']:.4f}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -35,6 +35,9 @@ def test_figures_are_consistent(devices):
     assert r["matmul_peak_gflops"] == max(r["matmul_before_after_gflops"])
     assert r["peak_flops_per_device"] == pytest.approx(r["matmul_peak_gflops"] * 1e9)
     assert r["loss"] == pytest.approx(r["loss"])  # finite
+    # the client made a pool for all 8 of the session's devices, however many the run uses
+    assert r["xla_cpu_pool_threads"] >= len(jax.devices()) == 8
+    assert ("oversubscribed" in bench.table(r)) == (r["xla_cpu_pool_threads"] > os.cpu_count())
     json.dumps(r)  # the dict is the JSON line
 
 

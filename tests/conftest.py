@@ -9,8 +9,7 @@ sys.path.insert(0, ROOT)  # `from configs import base` in tests, as config.load 
 
 from tests import xla  # noqa: E402
 
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla.FAST_COMPILE,
-                                    "--xla_force_host_platform_device_count=8"]).strip()
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla.flags(8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tokenized-corpus and XLA compilation caches: shared by this session's tests, never the
 # user's ~/.cache. One folder per pytest-xdist worker (`-n 2`): JAX writes a compilation-cache

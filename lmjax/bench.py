@@ -2,6 +2,7 @@
 
     lmjax bench --model=bench --steps=20
     lmjax bench --model=llama-tiny --devices=8 --config.data.global_batch_size=64
+    lmjax bench --model=bench --devices=1 --cpu_devices=8   # the 8-device run's control
 
 The train step is the one `lmjax train` runs (train.compile_fns), compiled ahead of time so
 that compiling and running are timed apart; a step is timed from dispatch until its outputs
@@ -127,14 +128,18 @@ def run(model: str, devices: int, steps: int,
         lowered_at = time.perf_counter()
         compiled = lowered.compile()
         compiled_at = time.perf_counter()
-        times, cpu_s = [], 0.0
+        times, cpu_s, switches = [], 0.0, [0, 0]
         for i in range(WARMUP_STEPS + steps):
+            before = resource.getrusage(resource.RUSAGE_SELF)
             start_step, start_cpu = time.perf_counter(), time.process_time()
             state, step_metrics = compiled(state, batch)
             jax.block_until_ready((state, step_metrics))
             if i >= WARMUP_STEPS:
                 times.append(time.perf_counter() - start_step)
                 cpu_s += time.process_time() - start_cpu
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                switches[0] += after.ru_nvcsw - before.ru_nvcsw
+                switches[1] += after.ru_nivcsw - before.ru_nivcsw
         loss = float(step_metrics["train/loss"])
     # A VM's cores change speed under a run (seen: 133 GFLOP/s before the steps, 176 after;
     # once 79 before, against 140-170 in the processes around it, which read as 119% MFU).
@@ -179,6 +184,11 @@ def run(model: str, devices: int, steps: int,
         "cpu_util": cpu_s / sum(times),
         "host_cores": os.cpu_count(),
         "xla_cpu_pool_threads": xla_cpu_pool_threads() if device.platform == "cpu" else None,
+        # All threads' context switches per timed step (getrusage): a pool with more threads
+        # than cores parks, wakes and preempts them many times more (docs/performance.md).
+        "context_switches_per_step": {"voluntary": switches[0] / steps,
+                                      "involuntary": switches[1] / steps},
+        "cpu_devices": len(available) if device.platform == "cpu" else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         # host allocator settings this process ran under (`lmjax` adds a huge-page one: cli.py)
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
@@ -221,15 +231,25 @@ def table(r: dict) -> str:
         ("malloc", r["glibc_tunables"] or "glibc defaults"),
         ("host CPU", f"{r['cpu_util']:.2f} s of process CPU time per s of step "
                      f"({r['host_cores']} cores{_pool(r)})"),
+        ("ctx switches", "{voluntary:,.0f} voluntary, {involuntary:,.0f} involuntary per step"
+                         .format(**r["context_switches_per_step"])
+                         + (f"  (client of {r['cpu_devices']} CPU devices)"
+                            if r["cpu_devices"] not in (None, r["devices"]) else "")),
         ("final loss", f"{r['loss']:.4f}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main(model: str, devices: int, steps: int, overrides: list[str]) -> None:
+def main(model: str, devices: int, steps: int, overrides: list[str],
+         cpu_devices: int = 0) -> None:
+    """`cpu_devices` > `devices` runs on a few devices of a bigger CPU client: with
+    `--devices=1 --cpu_devices=8`, the 1-device step under the 8-device client's thread pool,
+    the control that separates data parallelism's cost from the pool's."""
+    if cpu_devices and cpu_devices < devices:
+        raise ValueError(f"--cpu_devices={cpu_devices} must be at least --devices={devices}.")
     try:  # --devices=8 on a CPU host: that many CPU devices (accelerator hosts are unaffected)
-        jax.config.update("jax_num_cpu_devices", devices)
+        jax.config.update("jax_num_cpu_devices", cpu_devices or devices)
     except RuntimeError:  # JAX already started (a notebook): bench what it has
         pass
     result = run(model, devices, steps, overrides)

@@ -46,6 +46,9 @@ flags.DEFINE_integer("heartbeat_timeout", 100, "train: seconds without a heartbe
                      "a process counts as dead and the others stop")
 flags.DEFINE_string("model", "bench", "bench: the named model to measure")
 flags.DEFINE_integer("devices", 1, "bench, plan: how many devices to use")
+flags.DEFINE_integer("cpu_devices", 0, "bench on CPU: fake devices the client makes (default: "
+                     "--devices); --devices=1 --cpu_devices=8 times one device under the "
+                     "8-device client's thread pool")
 flags.DEFINE_string("topology", "", "plan: TPU topology to compile for from this host, e.g. "
                     "v5p-64, v4-32, v5e-16, v6e-8 or v5p:4x4x2 (needs libtpu); default: "
                     "--devices fake CPU devices")
@@ -151,7 +154,7 @@ def _run(command: str, overrides: list[str], args: list[str] = ()) -> None:
     elif command == "bench":
         from lmjax import bench
 
-        bench.main(FLAGS.model, FLAGS.devices, FLAGS.steps, overrides)
+        bench.main(FLAGS.model, FLAGS.devices, FLAGS.steps, overrides, FLAGS.cpu_devices)
     elif command in ("sweep", "fit"):
         if not FLAGS.root or (command == "sweep" and not FLAGS.sweep):
             raise app.UsageError(f"{command} needs --root" + (" and --sweep=FILE." if command ==

@@ -38,6 +38,11 @@ def test_figures_are_consistent(devices):
     # the client made a pool for all 8 of the session's devices, however many the run uses
     assert r["xla_cpu_pool_threads"] >= len(jax.devices()) == 8
     assert ("oversubscribed" in bench.table(r)) == (r["xla_cpu_pool_threads"] > os.cpu_count())
+    # the main thread sleeps on every step's outputs, so each step switches at least once
+    assert r["context_switches_per_step"]["voluntary"] >= 1
+    assert r["context_switches_per_step"]["involuntary"] >= 0
+    assert r["cpu_devices"] == 8  # the session's client, named in the table when it is bigger
+    assert ("client of 8 CPU devices" in bench.table(r)) == (devices != 8)
     json.dumps(r)  # the dict is the JSON line
 
 
@@ -59,24 +64,33 @@ def test_more_devices_than_available_is_refused():
         bench.run("bench", n + 1, 1, TINY)
 
 
+def test_a_client_smaller_than_the_run_is_refused():
+    with pytest.raises(ValueError, match=r"--cpu_devices=2 must be at least --devices=4"):
+        bench.main("bench", 4, 1, TINY, cpu_devices=2)
+
+
 def test_missing_configs_folder_says_where_it_looked(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "CONFIGS", str(tmp_path / "configs"))
     with pytest.raises(FileNotFoundError, match="source checkout"):
         bench.models()
 
 
-def _bench_command(env=None, cwd=ROOT):
+def _bench_command(env=None, cwd=ROOT, flags=()):
     overrides = [f"--config.{o}" for o in TINY]
     out = subprocess.run(
-        [sys.executable, "-m", "lmjax", "bench", "--model=bench", "--steps=1", *overrides],
+        [sys.executable, "-m", "lmjax", "bench", "--model=bench", "--steps=1", *flags, *overrides],
         cwd=cwd, capture_output=True, text=True, check=True, timeout=300, env=env)
     return out.stdout.strip().splitlines()
 
 
 def test_command_prints_json_last_and_runs_with_huge_page_malloc():
-    lines = _bench_command({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
+    lines = _bench_command({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"},
+                           flags=["--cpu_devices=3"])
     r = json.loads(lines[-1])
     assert r["model"] == "bench" and r["devices"] == 1 and r["tokens_per_s"] > 0
+    # one device of a 3-device client, and the client's pool sized for all 3 (or the cores)
+    assert r["mesh"]["data"] == 1 and r["cpu_devices"] == 3
+    assert r["xla_cpu_pool_threads"] == max(3, os.cpu_count())
     assert any(line.startswith("MFU") for line in lines[:-1])  # the table came first
     # `lmjax` re-executed itself with glibc's huge-page tunable (cli.tune_host_malloc)
     assert r["glibc_tunables"] == cli.HOST_MALLOC_TUNABLE

@@ -51,10 +51,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # kernel (lmjax/attention.py): 'xla' (reference, everywhere) | 'cudnn' (GPU) | 'splash' (TPU)
     # | 'ring' (context parallelism, needs mesh.seq > 1) | 'auto' (the fastest this run can use)
     m.attention = "xla"
-    # dense layers' weight gradients (lmjax/model.py): 'transposed' (input transposed first, then
-    # a plain matmul: 2-4% faster CPU step) | 'xla' (as XLA folds it) | 'auto' (transposed on
-    # CPU with whole weights on every device, i.e. no fsdp/tensor split; else 'xla')
-    m.weight_grad = "auto"
     # activation checkpointing per block: 'none' | 'full' | 'dots_saveable' | 'offload' (saved
     # matmul outputs in host memory; TPU/GPU only)
     m.remat = "none"

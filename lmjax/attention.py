@@ -20,8 +20,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
+
+from lmjax import config
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "ring", "auto")
 RING_AXIS = "seq"  # the mesh axis attend(impl='ring') splits the sequence over
@@ -47,6 +50,20 @@ def resolve(impl: str, platform: str, dtype) -> str:
         raise ValueError(f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN "
                          f"flash attention); got {jnp.dtype(dtype).name}.")
     return impl
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """model.attention and model.attention_window. A window longer than data.seq_len is refused
+    rather than ignored: no query could reach past it, so it would silently be full attention
+    (a window equal to it is allowed: it takes effect when evaluated at longer contexts)."""
+    window, seq_len = cfg.model.attention_window, cfg.data.seq_len
+    config.check_choices(cfg, {"model.attention": IMPLEMENTATIONS})
+    if window < 0:
+        raise ValueError(f"model.attention_window={window} must be >= 0 (0 = full attention).")
+    if window > seq_len:
+        raise ValueError(f"model.attention_window={window} is larger than the context "
+                         f"data.seq_len={seq_len}, where it would change nothing; use a window "
+                         f"<= {seq_len}, or 0 for full attention.")
 
 
 def attend(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, impl: str = "xla",

@@ -9,8 +9,9 @@ that compiling and running are timed apart; a step is timed from dispatch until 
 are ready, and the reported step time is the median over `steps` steps after two warm-up
 steps. The batch is synthetic, generated once on the host and reused: the input pipeline is
 not measured. MFU uses flops.py's convention (6N + 6·layers·T·d_attn per token) against
-metrics.py's peak (datasheet for TPU/GPU, a measured f32 matmul on CPU); the measured matmul
-rate is reported on every backend, so CPU and accelerator runs read the same way.
+metrics.py's peak (chips.py's datasheet figure for TPU/GPU, a measured f32 matmul on CPU);
+the measured matmul rate is reported on every backend, so CPU and accelerator runs read the
+same way.
 
 The last line printed is one JSON object (`run`'s dict), for scripts and sweeps.
 """
@@ -26,16 +27,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import lmjax
+from lmjax import chips, flops, metrics, sharding, train, validate
 from lmjax import config as config_lib
-from lmjax import flops, metrics, sharding, train
 from lmjax.data import sources
 
 WARMUP_STEPS = 2
 FLOP_CONVENTION = "6N + 6·layers·T·d_attn per token, lmjax/flops.py"
-# configs/ of the checkout this package was imported from (named models are config files).
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(lmjax.__file__))),
-                       "configs")
+CONFIGS = config_lib.configs_dir()  # named models are config files there
 # family -> the table in configs/<family>.py whose keys are its sizes: gpt2-small, llama-1b, ...
 FAMILIES = {"gpt2": "SIZES", "llama": "PRESETS"}
 
@@ -59,7 +57,7 @@ def load(model: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collecti
     specs = models()
     if model not in specs:
         raise ValueError(f"Unknown model {model!r}; choose one of {', '.join(specs)}.")
-    return config_lib.load(specs[model], ["data.source=synthetic", *overrides])
+    return validate.load(specs[model], ["data.source=synthetic", *overrides])
 
 
 def synthetic_batch(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -112,50 +110,75 @@ def run(model: str, devices: int, steps: int,
     if steps < 1:
         raise ValueError(f"--steps={steps} must be at least 1.")
     cfg = load(model, overrides)
-    mesh_shape = config_lib.validate(cfg, devices)
+    mesh_shape = validate.validate(cfg, devices)
     mesh = sharding.make_mesh(cfg, devices=available[:devices])
-    device = available[0]
     matmul_before = metrics.measured_matmul_flops()
-    on_datasheet = any(device.device_kind.startswith(kind) for kind in metrics.PEAK_FLOPS)
-    chips = metrics.peak_chips(available[:devices])
-
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
         fns = train.compile_fns(cfg, mesh)
         state = fns.init()
         batch = sharding.to_global(synthetic_batch(cfg), mesh)
-        start = time.perf_counter()
-        lowered = fns.step.lower(state, batch)
-        lowered_at = time.perf_counter()
-        compiled = lowered.compile()
-        compiled_at = time.perf_counter()
-        times, cpu_s, switches = [], 0.0, [0, 0]
-        for i in range(WARMUP_STEPS + steps):
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            start_step, start_cpu = time.perf_counter(), time.process_time()
-            state, step_metrics = compiled(state, batch)
-            jax.block_until_ready((state, step_metrics))
-            if i >= WARMUP_STEPS:
-                times.append(time.perf_counter() - start_step)
-                cpu_s += time.process_time() - start_cpu
-                after = resource.getrusage(resource.RUSAGE_SELF)
-                switches[0] += after.ru_nvcsw - before.ru_nvcsw
-                switches[1] += after.ru_nivcsw - before.ru_nivcsw
-        loss = float(step_metrics["train/loss"])
+        compiled, timed = _compile(fns.step, state, batch)
+        timed.update(_time_steps(compiled, state, batch, steps))
     # A VM's cores change speed under a run (seen: 133 GFLOP/s before the steps, 176 after;
     # once 79 before, against 140-170 in the processes around it, which read as 119% MFU).
     # The peak is the faster of the rates measured before and after the steps.
-    matmul_after = metrics.measured_matmul_flops()
-    matmul = max(matmul_before, matmul_after)
-    # On CPU the peak *is* the measured matmul rate (metrics.py); don't measure it again.
-    peak = matmul if device.platform == "cpu" else metrics.peak_flops_per_device(device)
+    matmul = (matmul_before, metrics.measured_matmul_flops())
+    return _report(model, cfg, available[:devices], len(available), mesh_shape, timed, matmul,
+                   _memory(compiled))
 
+
+def _compile(step, state, batch) -> tuple:
+    """The step compiled ahead of time, and the seconds lowering and compiling took."""
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
+    return compiled, {"lower_s": lowered_at - start, "compile_s": compiled_at - start}
+
+
+def _time_steps(compiled, state, batch, steps: int) -> dict:
+    """Run WARMUP_STEPS + `steps` steps; each timed one's wall and process CPU seconds, and the
+    context switches of all threads (getrusage) over the timed steps."""
+    times, cpu_s, switches = [], 0.0, [0, 0]
+    for i in range(WARMUP_STEPS + steps):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        start_step, start_cpu = time.perf_counter(), time.process_time()
+        state, step_metrics = compiled(state, batch)
+        jax.block_until_ready((state, step_metrics))
+        if i >= WARMUP_STEPS:
+            times.append(time.perf_counter() - start_step)
+            cpu_s += time.process_time() - start_cpu
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            switches[0] += after.ru_nvcsw - before.ru_nvcsw
+            switches[1] += after.ru_nivcsw - before.ru_nivcsw
+    return {"times": times, "cpu_s": cpu_s, "switches": switches,
+            "loss": float(step_metrics["train/loss"])}
+
+
+def _peak(device: jax.Device, matmul: float) -> tuple[float, str]:
+    """The MFU peak of one device and where it comes from. On CPU the peak *is* the measured
+    matmul rate (metrics.py); it is not measured again."""
+    on_datasheet = chips.lookup(device.device_kind) is not None
+    peak = matmul if device.platform == "cpu" else metrics.peak_flops_per_device(device)
+    return peak, "datasheet" if on_datasheet else "measured f32 matmul"
+
+
+def _report(model: str, cfg: ml_collections.ConfigDict, used: list, client_devices: int,
+            mesh_shape: tuple[int, ...], timed: dict, matmul: tuple[float, float],
+            memory: dict) -> dict:
+    """`run`'s figures from what it measured, in the order the JSON line has always had."""
+    device, times, steps = used[0], timed["times"], len(timed["times"])
     seq_len, batch_size = cfg.data.seq_len, cfg.data.global_batch_size
     step_s = statistics.median(times)
     tokens_per_s = batch_size * seq_len / step_s
     per_token = flops.flops_per_token(cfg.model, seq_len)
+    peak, peak_source = _peak(device, max(matmul))
+    peak_chips = metrics.peak_chips(used)
+    cpu = device.platform == "cpu"
     return {
         "model": model,
-        "devices": devices,
+        "devices": len(used),
         "backend": device.platform,
         "device_kind": device.device_kind,
         "mesh": dict(zip(sharding.AXES, mesh_shape, strict=True)),
@@ -163,8 +186,8 @@ def run(model: str, devices: int, steps: int,
         "seq_len": seq_len,
         "global_batch_size": batch_size,
         "steps": steps,
-        "lower_s": lowered_at - start,
-        "compile_s": compiled_at - start,  # lower + compile: what a run waits before step 1
+        "lower_s": timed["lower_s"],
+        "compile_s": timed["compile_s"],  # lower + compile: what a run waits before step 1
         "step_s": step_s,
         "step_s_min": min(times),
         "step_s_max": max(times),
@@ -173,26 +196,27 @@ def run(model: str, devices: int, steps: int,
         "flop_convention": FLOP_CONVENTION,
         "model_flops_per_s": per_token * tokens_per_s,
         "peak_flops_per_device": peak,
-        "peak_source": "datasheet" if on_datasheet else "measured f32 matmul",
-        "peak_chips": chips,
-        "mfu": per_token * tokens_per_s / (peak * chips),
-        "matmul_peak_gflops": matmul / 1e9,
-        "matmul_before_after_gflops": [matmul_before / 1e9, matmul_after / 1e9],
-        **_memory(compiled),
+        "peak_source": peak_source,
+        "peak_chips": peak_chips,
+        "mfu": per_token * tokens_per_s / (peak * peak_chips),
+        "matmul_peak_gflops": max(matmul) / 1e9,
+        "matmul_before_after_gflops": [matmul[0] / 1e9, matmul[1] / 1e9],
+        **memory,
         # Process CPU seconds per wall second while timing: on a CPU backend, the cores this run
         # really had. Below the core count, another process shared the machine.
-        "cpu_util": cpu_s / sum(times),
+        "cpu_util": timed["cpu_s"] / sum(times),
         "host_cores": os.cpu_count(),
-        "xla_cpu_pool_threads": xla_cpu_pool_threads() if device.platform == "cpu" else None,
+        "xla_cpu_pool_threads": xla_cpu_pool_threads() if cpu else None,
         # All threads' context switches per timed step (getrusage): a pool with more threads
         # than cores parks, wakes and preempts them many times more (docs/performance.md).
-        "context_switches_per_step": {"voluntary": switches[0] / steps,
-                                      "involuntary": switches[1] / steps},
-        "cpu_devices": len(available) if device.platform == "cpu" else None,
+        "context_switches_per_step": {"voluntary": timed["switches"][0] / steps,
+                                      "involuntary": timed["switches"][1] / steps},
+        "cpu_devices": client_devices if cpu else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-        # host allocator settings this process ran under (`lmjax` adds a huge-page one: cli.py)
+        # host allocator settings this process ran under (`lmjax` adds a huge-page one:
+        # backends/cpu_host.py)
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-        "loss": loss,
+        "loss": timed["loss"],
         "architecture": flops.describe(cfg.model),
     }
 

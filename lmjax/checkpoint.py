@@ -208,56 +208,15 @@ def _set_aside(mngr: ocp.CheckpointManager, problems: dict[int, str]) -> None:
     mngr.reload()
 
 
-def load_params(workdir: str, state: nnx.State, step: int | None = None) -> nnx.State:
-    """`state` ((model, optimizer), fresh from train's init) with the model's weights read from
-    `workdir`'s checkpoint (latest or `step`), laid out as `state` is (train.init_from).
+def restore_params(workdir: str, params: dict, step: int | None = None) -> dict:
+    """The model's part of `workdir`'s checkpoint (latest or `step`), laid out as `params` is
+    (a pure dict of the model's state: arrays or ShapeDtypeStructs, each with its sharding).
 
-    The optimizer stays fresh and the step at 0: finetuning, or continuing at a longer
-    data.seq_len with RoPE scaling, starts from trained weights. Anything that keeps parameter
-    shapes may differ from the source run (lengths, RoPE scaling, window, mesh); a shape that
-    differs is named.
+    The one partial restore: the 'state' item is `to_pure_dict(state((model, optimizer)))`, so
+    only its key 0 is read (Orbax partial restore) and the optimizer's moments never leave the
+    disk. Anything that keeps parameter shapes may differ from the source run (lengths, RoPE
+    scaling, window, mesh); a shape that differs is named (ValueError) before any array is read.
     """
-    mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=ocp.CheckpointManagerOptions(create=False),
-                                 item_names=("state",))
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-        raise FileNotFoundError(f"train.init_from={workdir!r} has no checkpoint to start from.")
-    pure = nnx.to_pure_dict(state)
-    target = {0: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                             sharding=x.sharding), pure[0])}
-    try:
-        _check_shapes(mngr, step, target)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"train.init_from={workdir!r} does not fit this model: {e}.") from None
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-    mngr.close()
-    pure[0] = restored["state"][0]
-    out = jax.tree.map(lambda x: x, state)
-    nnx.replace_by_pure_dict(out, pure)
-    return out
-
-
-def load_for_inference(workdir: str, step: int | None = None,
-                       mesh: jax.sharding.Mesh | None = None,
-                       cfg: ml_collections.ConfigDict | None = None):
-    """(model, cfg, tokenizer or None) of a run, for eval, sample and convert.
-
-    Restores only the model: the 'state' item is `to_pure_dict(state((model, optimizer)))`, so
-    its key 0 is read (Orbax partial restore) and the optimizer's moments never leave the disk.
-    Parameters are laid out on `mesh` by the run's logical-axis rules (default: the first
-    device alone), as training lays them out. `cfg` (default: the run's) may differ from the
-    run's in what changes no parameter shape (lmjax eval's RoPE scaling or window overrides).
-    """
-    from jax.sharding import AxisType
-
-    from lmjax import config, sharding
-    from lmjax.data.tokenizer import Tokenizer
-    from lmjax.model import Transformer
-
-    cfg = config.from_workdir(workdir) if cfg is None else cfg  # config.json over base.py
     mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  options=ocp.CheckpointManagerOptions(create=False),
                                  item_names=("state",))
@@ -265,21 +224,34 @@ def load_for_inference(workdir: str, step: int | None = None,
     if step is None or step not in mngr.all_steps():
         raise FileNotFoundError(f"{workdir}/checkpoints has no checkpoint "
                                 f"{'at all' if step is None else f'for step {step}'}.")
-    if mesh is None:
-        mesh = jax.make_mesh((1,) * len(sharding.AXES), sharding.AXES,
-                             axis_types=(AxisType.Auto,) * len(sharding.AXES),
-                             devices=jax.devices()[:1])
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
-        shardings = nnx.get_named_sharding(state, mesh)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         state, shardings)
-    target = {0: nnx.to_pure_dict(state)}
+    target = {0: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                             sharding=x.sharding), params)}
+    try:
+        _check_shapes(mngr, step, target)
+    except FileNotFoundError as e:  # a step without its metadata cannot fit any model
+        raise ValueError(str(e)) from None
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))
     mngr.close()
-    nnx.replace_by_pure_dict(state, restored["state"][0])
-    tokenizer_path = os.path.join(workdir, "tokenizer.model")
-    tokenizer = Tokenizer.load(tokenizer_path) if os.path.isfile(tokenizer_path) else None
-    return nnx.merge(graphdef, state), cfg, tokenizer
+    return restored["state"][0]
+
+
+def load_params(workdir: str, state: nnx.State, step: int | None = None) -> nnx.State:
+    """`state` ((model, optimizer), fresh from train's init) with the model's weights read from
+    `workdir`'s checkpoint by restore_params (train.init_from).
+
+    The optimizer stays fresh and the step at 0: finetuning, or continuing at a longer
+    data.seq_len with RoPE scaling, starts from trained weights.
+    """
+    pure = nnx.to_pure_dict(state)
+    try:
+        pure[0] = restore_params(workdir, pure[0], step)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"train.init_from={workdir!r} has no checkpoint to start "
+                                "from.") from None
+    except ValueError as e:
+        raise ValueError(f"train.init_from={workdir!r} does not fit this model: {e}.") from None
+    out = jax.tree.map(lambda x: x, state)
+    nnx.replace_by_pure_dict(out, pure)
+    return out

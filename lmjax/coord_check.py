@@ -26,8 +26,7 @@ from flax import nnx
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lmjax import config as config_lib  # noqa: E402
-from lmjax import sharding, train  # noqa: E402
+from lmjax import sharding, train, validate  # noqa: E402
 from lmjax.data import pipeline  # noqa: E402
 
 PARAMETRIZATIONS = ("sp", "mup")
@@ -75,7 +74,7 @@ def _stats_fn(graphdef):
 
 def measure(cfg: ml_collections.ConfigDict, batches: list[dict], device) -> list[dict]:
     """mean |activation| on batches[0] after 0..len(batches) steps of training on `batches`."""
-    config_lib.validate(cfg, 1)
+    validate.validate(cfg, 1)
     mesh = sharding.make_mesh(cfg, [device])
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
         fns = train.compile_fns(cfg, mesh)

@@ -16,13 +16,19 @@ A dead peer must not hang the others: every process sends heartbeats to the coor
 when one stops (`heartbeat_timeout` seconds) the coordination service aborts the rest with
 "Terminating process because the JAX distributed service detected fatal errors ... another
 task died". A peer that never arrives fails start-up after `init_timeout` seconds.
+
+A preemption notice (SIGTERM, a TPU maintenance event) reaches the training loop through
+`preemption_notice`, on one process or many.
 """
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 
 import jax
+from jax.experimental import multihost_utils
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -102,3 +108,31 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
     jax.distributed.initialize(initialization_timeout=init_timeout,
                                heartbeat_timeout_seconds=heartbeat_timeout)
     return True
+
+
+def _sync_point(step: int) -> bool:
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+        return False
+
+
+@contextlib.contextmanager
+def preemption_notice():
+    """Yield `preempted(step) -> bool`, to be asked once a step.
+
+    One process: SIGTERM sets a flag. Several: JAX's preemption sync point (its coordination
+    service hears SIGTERM and, on Cloud TPU, maintenance notices), which tells every host the
+    same step to stop at, so all of them take part in the same save.
+    """
+    if jax.process_count() > 1:
+        yield _sync_point
+    elif threading.current_thread() is not threading.main_thread():  # signals need the main one
+        yield lambda step: False
+    else:
+        notice = threading.Event()
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: notice.set())
+        try:
+            yield lambda step: notice.is_set()
+        finally:
+            signal.signal(signal.SIGTERM, previous)

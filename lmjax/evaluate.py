@@ -32,10 +32,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lmjax import checkpoint, loss, sharding
 from lmjax import config as config_lib
+from lmjax import inference, loss, sharding, validate
 from lmjax.data import pipeline, sources
 from lmjax.data.tokenizer import Tokenizer
+from lmjax.model import forward
 
 SPLITS = ("eval", "train", "all")
 # Model keys an evaluation may change: none changes a parameter, so the checkpoint still loads
@@ -137,9 +138,7 @@ def _rows(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None, split: st
 
 def _row_sums(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> dict:
     """Per-row sums of the loss and correct predictions, and target counts, from loss.py."""
-    model = nnx.merge(graphdef, state)
-    extra = {"segment_ids_BL": batch["segment_ids"]} if "segment_ids" in batch else {}
-    logits_BLV = model(batch["inputs"], batch.get("positions"), **extra)
+    logits_BLV = forward(nnx.merge(graphdef, state), batch)
 
     def one_row(logits_LV, targets_L, weights_L):
         _, aux = loss.cross_entropy(logits_LV[None], targets_L[None], weights_L[None])
@@ -201,12 +200,12 @@ def evaluate(workdir: str, *, split: str = "eval", text: str | None = None,
     if stride:  # passed on to each source of a mixture
         overrides = (*overrides, f"data.eval_stride={stride}")
     devices = jax.devices() if devices is None else devices
-    config_lib.validate(cfg, len(devices))
+    validate.validate(cfg, len(devices))
     if cfg.data.mixture and not text:
         return evaluate_mixture(workdir, cfg.data.mixture, split=split, step=step,
                                 batches=batches, overrides=overrides, devices=devices)
     mesh = sharding.make_mesh(cfg, devices)
-    model, _, tokenizer = checkpoint.load_for_inference(workdir, step, mesh, cfg)
+    model, _, tokenizer = inference.load(workdir, step, mesh, cfg)
     if cfg.data.source == "text" and tokenizer is None:
         raise FileNotFoundError(f"{workdir} has no tokenizer.model to encode text with.")
     B = cfg.data.global_batch_size
@@ -265,7 +264,7 @@ def evaluate_mixture(workdir: str, spec: str, *, split: str, step: int | None, b
 
 
 def checkpoint_step(workdir: str, step: int | None) -> int:
-    """The step `load_for_inference` reads: `step`, or the newest in workdir/checkpoints."""
+    """The step `inference.load` reads: `step`, or the newest in workdir/checkpoints."""
     if step is not None:
         return step
     names = os.listdir(os.path.join(workdir, "checkpoints"))

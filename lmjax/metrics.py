@@ -1,7 +1,8 @@
 """Where numbers go: metrics.jsonl (the record every tool reads), TensorBoard, and the MFU peak.
 
-MFU needs a peak. Accelerators use their datasheet's dense bf16 figure; a CPU has no honest
-datasheet figure, so its peak is measured: the rate of a jitted float32 matmul in this process.
+MFU needs a peak. Accelerators use their datasheet's dense bf16 figure (chips.py); a CPU has no
+honest datasheet figure, so its peak is measured: the rate of a jitted float32 matmul in this
+process.
 """
 
 import json
@@ -12,16 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' datasheets.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,  # cloud.google.com/tpu/docs/v4
-    "TPU v5 lite": 197e12,  # v5e, cloud.google.com/tpu/docs/v5e
-    "TPU v5": 459e12,  # v5p, cloud.google.com/tpu/docs/v5p
-    "TPU v6 lite": 918e12,  # v6e (Trillium), cloud.google.com/tpu/docs/v6e
-    "NVIDIA A100": 312e12,  # A100 datasheet, dense (no sparsity)
-    "NVIDIA H100": 989e12,  # H100 SXM datasheet, dense
-    "NVIDIA H200": 989e12,  # H200 SXM datasheet, dense
-}
+from lmjax import chips
 
 
 def measured_matmul_flops(n: int = 1024, seconds: float = 0.5, min_repeats: int = 10) -> float:
@@ -42,12 +34,9 @@ def measured_matmul_flops(n: int = 1024, seconds: float = 0.5, min_repeats: int 
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float:
-    """Datasheet peak for known accelerators; the measured matmul rate otherwise."""
-    device = device or jax.devices()[0]
-    for kind, flops in PEAK_FLOPS.items():
-        if device.device_kind.startswith(kind):
-            return flops
-    return measured_matmul_flops()
+    """Datasheet peak for the accelerators in chips.py; the measured matmul rate otherwise."""
+    chip = chips.lookup((device or jax.devices()[0]).device_kind)
+    return measured_matmul_flops() if chip is None else chip.peak_flops
 
 
 def peak_chips(devices: list) -> int:

@@ -10,19 +10,24 @@ Parameters carry logical axis names only ('vocab', 'embed', 'heads', 'kv_heads',
 """
 
 import math
-import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lmjax import attention, mup, rope_scaling, sharding
+from lmjax import attention, config, mup, positions, rope_scaling, sharding
 
 BLD = ("activation_batch", "activation_length", "activation_embed")
 BLNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
 BLF = ("activation_batch", "activation_length", "activation_mlp")
 BLV = ("activation_batch", "activation_length", "activation_vocab")
+
+# The dense layers' matmul (MLP and untied unembedding): jax.lax.dot_general, or a backend's
+# own with the same signature and the same result (lmjax/backends: picked once, by the train
+# step's builder). The model itself never asks which backend it runs on.
+DotGeneral = Callable[..., jax.Array]
 
 
 def _named(init, names: tuple[str, ...]):
@@ -50,108 +55,6 @@ def make_norm(cfg: ml_collections.ConfigDict, features: int, names: tuple[str, .
                          scale_init=scale_init, bias_init=bias_init, rngs=rngs, **_dtypes(cfg))
 
 
-Rotary = tuple[jax.Array, jax.Array]  # sin and cos of the rotary angles, [B, L, 1, H/2] each
-
-
-def rope_sin_cos(positions_BL: jax.Array, head_dim: int, theta: float,
-                 inv_freq_H2: jax.Array | None = None, scale: float = 1.0) -> Rotary:
-    """The rotation angles' sines and cosines (half-split layout: dims i and i + H/2 form a
-    pair). A context-extended model passes its own frequencies and scale (rope_scaling.py)."""
-    if inv_freq_H2 is None:
-        inv_freq_H2 = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angle_BLH2 = positions_BL[..., None].astype(jnp.float32) * inv_freq_H2
-    sin, cos = jnp.sin(angle_BLH2)[:, :, None, :], jnp.cos(angle_BLH2)[:, :, None, :]
-    return sin * scale, cos * scale  # YaRN's temperature, on queries and keys alike
-
-
-def rotate(x_BLNH: jax.Array, sin_BL1H2: jax.Array, cos_BL1H2: jax.Array) -> jax.Array:
-    """Rotary embedding (Su et al. 2021) with precomputed angles (rope_sin_cos)."""
-    x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos_BL1H2 - x2 * sin_BL1H2,
-                               x2 * cos_BL1H2 + x1 * sin_BL1H2], axis=-1)
-    return rotated.astype(x_BLNH.dtype)
-
-
-def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float,
-         inv_freq_H2: jax.Array | None = None, scale: float = 1.0) -> jax.Array:
-    """Rotary embedding of x at `positions_BL`: rotate() with rope_sin_cos()'s angles."""
-    return rotate(x_BLNH, *rope_sin_cos(positions_BL, x_BLNH.shape[-1], theta, inv_freq_H2,
-                                        scale))
-
-
-def computed_once(fn, x: jax.Array):
-    """fn(x) as buffers XLA cannot fuse into their consumers.
-
-    XLA fuses cheap-looking producers into every consumer, evaluated per output element: the
-    rotary sines and cosines were recomputed for every head, layer, query and key, forward and
-    backward (3.4% of the CPU bench step in libm's sincos, perf). A conditional is never fused;
-    its predicate always holds, which XLA cannot know. (optimization_barrier is dropped by
-    XLA:CPU before fusion.)"""
-    first = x.ravel()[0]
-    always = (first >= jnp.iinfo(first.dtype).min if jnp.issubdtype(first.dtype, jnp.integer)
-              else jnp.isnan(first) | ~jnp.isnan(first))
-
-    def zeros(y):  # typed as y is: varying over a shard_map's manual axes where y is
-        return jax.tree.map(lambda s: jnp.zeros_like(y, s.dtype, s.shape), jax.eval_shape(fn, y))
-
-    return jax.lax.cond(always, fn, zeros, x)
-
-
-@jax.custom_vjp
-def _matmul_transposed_grad(x_TD: jax.Array, w_DF: jax.Array) -> jax.Array:
-    return x_TD @ w_DF
-
-
-def _matmul_fwd(x_TD, w_DF):
-    return x_TD @ w_DF, (x_TD, w_DF)
-
-
-def _matmul_bwd(residuals, g_TF):
-    x_TD, w_DF = residuals
-    return g_TF @ w_DF.T, jax.lax.optimization_barrier(x_TD.T) @ g_TF
-
-
-_matmul_transposed_grad.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def transposed_grad_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                                preferred_element_type=None, out_sharding=None) -> jax.Array:
-    """jax.lax.dot_general for nnx.Linear whose weight gradient multiplies a materialised xᵀ.
-
-    XLA folds the transpose of dW = xᵀ·g into the dot; XLA:CPU then hands it to Eigen, as
-    YNNPACK takes no transposed left operand, and Eigen runs these 15-45% slower (3.4 vs 2.8 ms
-    for the bench MLP's, 26 vs 22 ms for its unembedding's). Behind an optimization_barrier the
-    transpose is not folded (the barrier itself is gone by the time XLA:CPU fuses), so every
-    dot stays on YNNPACK: the bench step 2-4% faster (docs/performance.md). Anything but a
-    plain 2-D matmul goes to lax.dot_general.
-    """
-    plain = (lhs.ndim == rhs.ndim == 2 and dimension_numbers == (((1,), (0,)), ((), ()))
-             and precision is None and preferred_element_type is None and out_sharding is None)
-    if not plain:
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type,
-                                   out_sharding=out_sharding)
-    return _matmul_transposed_grad(lhs, rhs)
-
-
-WEIGHT_GRADS = ("auto", "transposed", "xla")
-
-
-def dense_dot_general(cfg: ml_collections.ConfigDict):
-    """The dot_general of dense layers for model.weight_grad ('auto': transposed on CPU)."""
-    choice = cfg.weight_grad
-    if choice == "auto":  # train.with_kernel resolves it for the mesh's devices
-        choice = "transposed" if jax.default_backend() == "cpu" else "xla"
-    return transposed_grad_dot_general if choice == "transposed" else jax.lax.dot_general
-
-
-def sinusoidal(positions_BL: jax.Array, d: int) -> jax.Array:
-    """Fixed positions of Vaswani et al. 2017: sin on the first half of the width, cos after."""
-    inv_freq = 10_000.0 ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    angle = positions_BL[..., None].astype(jnp.float32) * inv_freq
-    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -177,14 +80,16 @@ class Attention(nnx.Module):
             self.k_norm = make_norm(cfg, H, ("head_dim",), rngs, kind="rms")
         self.cfg = cfg
 
-    def __call__(self, x_BLD: jax.Array, rotary: Rotary | None,
+    def __call__(self, x_BLD: jax.Array, rotary: positions.Rotary | None,
                  segment_ids_BL: jax.Array | None = None) -> jax.Array:
-        """rotary: rope_sin_cos() of the tokens' positions (model.position='rope'), else None."""
+        """rotary: positions.rope_sin_cos() of the tokens' positions under model.position='rope',
+        else None."""
         q_BLNH, k_BLKH, v_BLKH = self.q(x_BLD), self.k(x_BLD), self.v(x_BLD)
         if self.cfg.qk_norm:
             q_BLNH, k_BLKH = self.q_norm(q_BLNH), self.k_norm(k_BLKH)
         if rotary is not None:
-            q_BLNH, k_BLKH = rotate(q_BLNH, *rotary), rotate(k_BLKH, *rotary)
+            q_BLNH = positions.rotate(q_BLNH, *rotary)
+            k_BLKH = positions.rotate(k_BLKH, *rotary)
         if self.cfg.parametrization == "mup":  # scores q.k sqrt(H0) / H: lmjax/mup.py
             q_BLNH = q_BLNH * mup.query_multiplier(self.cfg)
         q_BLNH = sharding.constrain(q_BLNH, BLNH)
@@ -233,15 +138,9 @@ class Attention(nnx.Module):
         return all_k, all_v, mask_BLS
 
 
-def tokenwise(layer, x_BLD: jax.Array) -> jax.Array:
-    """Apply a dense layer to the [B*L, D] matrix: on [B, L, D], XLA:CPU transposes activations
-    before each weight-gradient matmul, ~20% of a CPU step of the bench model (lmjax bench)."""
-    y = layer(x_BLD.reshape(-1, x_BLD.shape[-1]))
-    return y.reshape(*x_BLD.shape[:-1], y.shape[-1])
-
-
 class Mlp(nnx.Module):
-    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
+                 dot_general: DotGeneral = jax.lax.dot_general):
         D, F = cfg.d_model, cfg.mlp_dim
         std = cfg.init_std * mup.hidden_init_scale(cfg)  # 1 under SP
         out_std = std / math.sqrt(2 * cfg.num_layers)
@@ -249,7 +148,7 @@ class Mlp(nnx.Module):
         def dense(d_in, d_out, names, std):
             return nnx.Linear(d_in, d_out, use_bias=cfg.use_bias, kernel_init=_normal(std, names),
                               bias_init=_named(nnx.initializers.zeros, names[1:]),
-                              dot_general=dense_dot_general(cfg), rngs=rngs, **_dtypes(cfg))
+                              dot_general=dot_general, rngs=rngs, **_dtypes(cfg))
 
         self.up = dense(D, F, ("embed", "mlp"), std)
         self.gate = dense(D, F, ("embed", "mlp"), std) if cfg.mlp == "swiglu" else None
@@ -258,21 +157,22 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         if self.kind == "swiglu":  # Shazeer 2020: silu(x W_gate) * (x W_up)
-            h_BLF = jax.nn.silu(tokenwise(self.gate, x_BLD)) * tokenwise(self.up, x_BLD)
+            h_BLF = jax.nn.silu(self.gate(x_BLD)) * self.up(x_BLD)
         else:  # GPT-2 uses the tanh approximation of GELU
-            h_BLF = jax.nn.gelu(tokenwise(self.up, x_BLD), approximate=True)
-        return tokenwise(self.down, sharding.constrain(h_BLF, BLF))
+            h_BLF = jax.nn.gelu(self.up(x_BLD), approximate=True)
+        return self.down(sharding.constrain(h_BLF, BLF))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
+                 dot_general: DotGeneral = jax.lax.dot_general):
         self.attn_norm = make_norm(cfg, cfg.d_model, ("embed",), rngs)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = make_norm(cfg, cfg.d_model, ("embed",), rngs)
-        self.mlp = Mlp(cfg, rngs)
+        self.mlp = Mlp(cfg, rngs, dot_general)
         self.dropout = nnx.Dropout(cfg.dropout)
 
-    def __call__(self, x_BLD: jax.Array, rotary: Rotary | None,
+    def __call__(self, x_BLD: jax.Array, rotary: positions.Rotary | None,
                  rngs: nnx.Rngs | None, segment_ids_BL: jax.Array | None = None) -> jax.Array:
         deterministic = rngs is None
         h_BLD = self.attn(self.attn_norm(x_BLD), rotary, segment_ids_BL)
@@ -290,24 +190,21 @@ REMAT_POLICIES = {
 }
 
 
-def call_block(block: "Block", x_BLD: jax.Array, rotary: Rotary | None,
+def call_block(block: "Block", x_BLD: jax.Array, rotary: positions.Rotary | None,
                rngs: nnx.Rngs | None, segment_ids_BL: jax.Array | None, remat: str) -> jax.Array:
     """One block, under `model.remat`'s checkpoint policy ('none': keep every activation)."""
     if remat == "none":
         return block(x_BLD, rotary, rngs, segment_ids_BL)
-    if remat == "offload" and jax.default_backend() == "cpu":  # no host transfer is emitted
-        warnings.warn("model.remat='offload' on CPU keeps the saved matmul outputs in ordinary "
-                      "memory (host and device are one), i.e. it acts as 'dots_saveable'.",
-                      stacklevel=2)
     return nnx.remat(lambda b, x, p, r, s: b(x, p, r, s), policy=REMAT_POLICIES[remat])(
         block, x_BLD, rotary, rngs, segment_ids_BL)
 
 
-def stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:
+def stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
+                   dot_general: DotGeneral = jax.lax.dot_general) -> Block:
     """num_layers Blocks as one, each parameter with a leading 'layers' axis, for lax.scan:
     XLA compiles one block instead of num_layers copies (compile time flat in depth)."""
     keys = jax.random.split(rngs.params(), cfg.num_layers)
-    make = nnx.vmap(lambda key: Block(cfg, nnx.Rngs(params=key)),
+    make = nnx.vmap(lambda key: Block(cfg, nnx.Rngs(params=key), dot_general),
                     transform_metadata={nnx.PARTITION_NAME: "layers"})
     return make(keys)
 
@@ -315,7 +212,8 @@ def stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:
 class Transformer(nnx.Module):
     """tokens [B, L] -> logits [B, L, V] (float32)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
+                 dot_general: DotGeneral = jax.lax.dot_general):
         self.cfg = cfg
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
                                embedding_init=_normal(cfg.init_std, ("vocab", "embed")),
@@ -325,14 +223,14 @@ class Transformer(nnx.Module):
                                        embedding_init=_normal(cfg.init_std, ("length", "embed")),
                                        **_dtypes(cfg))
         if cfg.scan_layers:
-            self.blocks = stacked_blocks(cfg, rngs)
+            self.blocks = stacked_blocks(cfg, rngs, dot_general)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([Block(cfg, rngs, dot_general) for _ in range(cfg.num_layers)])
         self.final_norm = make_norm(cfg, cfg.d_model, ("embed",), rngs)
         if not cfg.tie_embeddings:
             self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs,
                                       kernel_init=_normal(cfg.init_std, ("embed", "vocab")),
-                                      dot_general=dense_dot_general(cfg), **_dtypes(cfg))
+                                      dot_general=dot_general, **_dtypes(cfg))
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
@@ -356,14 +254,15 @@ class Transformer(nnx.Module):
         if self.cfg.position == "learned":
             x_BLD = x_BLD + self.pos_embed(positions_BL)
         elif self.cfg.position == "sinusoidal":
-            x_BLD = x_BLD + sinusoidal(positions_BL, self.cfg.d_model).astype(x_BLD.dtype)
+            sinusoids_BLD = positions.sinusoidal(positions_BL, self.cfg.d_model)
+            x_BLD = x_BLD + sinusoids_BLD.astype(x_BLD.dtype)
         x_BLD = self.dropout(x_BLD, deterministic=rngs is None, rngs=rngs)
         x_BLD = sharding.constrain(x_BLD, BLD)
         rotary = None
         if self.cfg.position == "rope":  # once, for every layer's queries and keys
             inv_freq_H2, scale = rope_scaling.frequencies(self.cfg)
-            rotary = computed_once(lambda p: rope_sin_cos(
-                p, self.cfg.head_dim, self.cfg.rope_theta, inv_freq_H2, scale), positions_BL)
+            rotary = positions.rope_sin_cos(positions_BL, self.cfg.head_dim,
+                                            self.cfg.rope_theta, inv_freq_H2, scale)
         if self.cfg.scan_layers:
             x_BLD = self._scan_blocks(x_BLD, rotary, rngs, segment_ids_BL)
         else:
@@ -371,16 +270,16 @@ class Transformer(nnx.Module):
                 x_BLD = call_block(block, x_BLD, rotary, rngs, segment_ids_BL, self.cfg.remat)
         x_BLD = self.final_norm(x_BLD)
         if self.cfg.tie_embeddings:
-            logits_BLV = tokenwise(self.embed.attend, x_BLD)
+            logits_BLV = self.embed.attend(x_BLD)
         else:
-            logits_BLV = tokenwise(self.unembed, x_BLD)
+            logits_BLV = self.unembed(x_BLD)
         logits_BLV = logits_BLV.astype(jnp.float32)
         if self.cfg.parametrization == "mup":  # readout multiplier 1 / width_mult
             logits_BLV = logits_BLV * mup.output_multiplier(self.cfg)
         return sharding.constrain(logits_BLV, BLV)
 
-    def _scan_blocks(self, x_BLD: jax.Array, rotary: Rotary | None, rngs: nnx.Rngs | None,
-                     segment_ids_BL: jax.Array | None) -> jax.Array:
+    def _scan_blocks(self, x_BLD: jax.Array, rotary: positions.Rotary | None,
+                     rngs: nnx.Rngs | None, segment_ids_BL: jax.Array | None) -> jax.Array:
         """lax.scan over the stacked block: layer i's slice of every parameter (and KV cache),
         and its own dropout key. Only the cache comes back out, so weights are never copied."""
         graphdef, state = nnx.split(self.blocks)
@@ -429,3 +328,47 @@ def unstack_layers(params: dict) -> dict:
     num_layers = jax.tree.leaves(params["blocks"])[0].shape[0]
     return {**params, "blocks": {i: jax.tree.map(lambda x, i=i: x[i], params["blocks"])
                                  for i in range(num_layers)}}
+
+
+def forward(model: Transformer, batch: dict, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """logits_BLV of `batch` ('inputs', and 'positions' and 'segment_ids' when packed): train,
+    eval and sample all apply the model through this one call, so a batch key the model reads
+    is added in one place. rngs=None is deterministic (eval)."""
+    return model(batch["inputs"], batch.get("positions"), rngs=rngs,
+                 segment_ids_BL=batch.get("segment_ids"))
+
+
+# What model.mlp, model.norm, model.position and model.parametrization may be; model.remat is
+# 'none' or a REMAT_POLICIES key, model.attention and model.rope_scaling their modules' own.
+MLPS = ("swiglu", "gelu")
+NORMS = ("rms", "layer")
+POSITIONS = ("rope", "learned", "sinusoidal", "none")
+PARAMETRIZATIONS = ("sp", "mup")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the first model.* setting no Transformer can be built with; the
+    whole config, as positions are checked against data.seq_len."""
+    m = cfg.model
+    config.check_choices(cfg, {"model.mlp": MLPS, "model.norm": NORMS, "model.position": POSITIONS,
+                               "model.remat": ("none", *REMAT_POLICIES),
+                               "model.parametrization": PARAMETRIZATIONS})
+    for key in ("param_dtype", "dtype"):
+        try:
+            jnp.dtype(m[key])
+        except TypeError:
+            raise ValueError(f"model.{key}={m[key]!r} is not a dtype.") from None
+    config.check_at_least_one(cfg, tuple(f"model.{k}" for k in (
+        "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+        "mup_base_width", "mup_base_head_dim")))
+    if m.num_heads % m.num_kv_heads:
+        raise ValueError(f"model.num_heads={m.num_heads} is not divisible by "
+                         f"model.num_kv_heads={m.num_kv_heads}.")
+    if m.position == "rope" and m.head_dim % 2:
+        raise ValueError(f"model.head_dim={m.head_dim} must be even for rotary positions.")
+    if m.position in ("learned", "sinusoidal") and cfg.data.seq_len > m.max_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}.")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ValueError(f"model.dropout={m.dropout} must be in [0, 1).")
+    attention.validate(cfg)
+    rope_scaling.validate(cfg)

@@ -21,7 +21,6 @@ the program, times its loop's trip count (scan over layers, grad_accum's scan).
 """
 
 import collections
-import dataclasses
 import math
 import os
 import re
@@ -31,8 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lmjax import config as config_lib
-from lmjax import flops, metrics, sharding, train
+from lmjax import chips, flops, sharding, train, validate
+from lmjax.data import batch
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # `%name = <shape> kind(` with kind plain or the -done half of an async pair (whose result is
@@ -43,67 +42,8 @@ _LOOP = re.compile(r"condition=(%[^\s,]+), body=(%[^\s,]+)")
 _BOUND = re.compile(r"s32\[\]\S* constant\((\d+)\)")
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """What the roofline needs of one accelerator; peak FLOP/s is metrics.PEAK_FLOPS's."""
-
-    hbm_bytes: int  # capacity
-    hbm_bw: float  # bytes/s
-    ici_bw: float  # bytes/s per chip, both directions, all links (the fast in-slice network)
-    dcn_bw: float | None  # bytes/s per chip across slices / nodes; None: not published
-
-
-# By device_kind as JAX names it ('TPU v5' is v5p, 'TPU v5 lite' v5e, 'TPU v6 lite' v6e).
-# Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5p, /v5e, /v6e):
-#   v4   32 GiB, 1200 GB/s; ICI per chip not tabulated there: 6 links x 45 GB/s x 2 directions
-#        (Jouppi et al. 2023, "TPU v4"; "How to Scale Your Model", Austin et al. 2025)
-#   v5p  95 GiB, 2765 GB/s, ICI 1200 GB/s bidirectional, DCN 50 Gbps per chip
-#   v5e  16 GB, 819 GB/s, ICI 400 GB/s; DCN 6.4 Tbps per 256-chip pod = 25 Gbps per chip
-#   v6e  32 GB, 1638 GB/s, ICI 800 GB/s; DCN not tabulated per chip
-# NVIDIA datasheets (SXM parts): A100 80GB 2039 GB/s, NVLink 600 GB/s; H100 80 GB 3.35 TB/s,
-# NVLink 900 GB/s; H200 141 GB 4.8 TB/s, NVLink 900 GB/s. "DCN" for GPUs is the scale-out
-# NIC per GPU of the reference DGX systems: 200 Gb/s HDR (DGX A100), 400 Gb/s NDR (DGX H100/H200).
-CHIPS = {
-    "TPU v4": Chip(32 * 2**30, 1200e9, 6 * 45e9 * 2, None),
-    "TPU v5": Chip(95 * 2**30, 2765e9, 1200e9, 50e9 / 8),
-    "TPU v5 lite": Chip(16 * 10**9, 819e9, 400e9, 25e9 / 8),
-    "TPU v6 lite": Chip(32 * 10**9, 1638e9, 800e9, None),
-    "NVIDIA A100": Chip(80 * 10**9, 2039e9, 600e9, 200e9 / 8),
-    "NVIDIA H100": Chip(80 * 10**9, 3350e9, 900e9, 400e9 / 8),
-    "NVIDIA H200": Chip(141 * 10**9, 4800e9, 900e9, 400e9 / 8),
-}
-HBM_BYTES = {kind: chip.hbm_bytes for kind, chip in CHIPS.items()}
-
-
-def chip_of(device_kind: str) -> Chip | None:
-    """The table's entry for a device kind: exact, else the longest prefix ('NVIDIA H100 80GB
-    HBM3' is an 'NVIDIA H100'); None for CPUs and chips the table does not know."""
-    if device_kind in CHIPS:
-        return CHIPS[device_kind]
-    known = [k for k in CHIPS if device_kind.startswith(k)]
-    return CHIPS[max(known, key=len)] if known else None
-
-
-def peak_flops(device_kind: str) -> float | None:
-    known = [k for k in metrics.PEAK_FLOPS if device_kind.startswith(k)]
-    return metrics.PEAK_FLOPS[max(known, key=len)] if known else None
-
-
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-
-
-def abstract_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
-    """The shapes, dtypes and sharding of one global batch, as the data pipeline yields it."""
-    s = sharding.batch_sharding(mesh)
-    shape = (cfg.data.global_batch_size, cfg.data.seq_len)
-    batch = {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s),
-             "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s),
-             "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=s)}
-    if cfg.data.segment_mask:
-        batch["segment_ids"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s)
-        batch["positions"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s)
-    return batch
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -213,15 +153,15 @@ def topology_name(name: str) -> tuple[str, dict]:
         raise ValueError(f"--topology={name!r} is neither a Cloud TPU name (v4-32, v5p-64, "
                          f"v5e-16, v6e-8) nor a libtpu one (v5p:4x4x2).")
     dims, cores_per_chip = _GENERATIONS[generation]
-    chips = int(count) // cores_per_chip
-    if chips < 1 or chips & (chips - 1) or int(count) % cores_per_chip:
+    num_chips = int(count) // cores_per_chip
+    if num_chips < 1 or num_chips & (num_chips - 1) or int(count) % cores_per_chip:
         raise ValueError(f"--topology={name!r}: {count} is not a power-of-two slice size.")
-    shape = [2, 2, 1] if dims == 3 and chips >= 4 else [1] * dims
-    while math.prod(shape) < chips:
+    shape = [2, 2, 1] if dims == 3 and num_chips >= 4 else [1] * dims
+    while math.prod(shape) < num_chips:
         smallest = min(shape)
         i = max(j for j, n in enumerate(shape) if n == smallest)  # the rightmost smallest
         shape[i] *= 2
-    options = {"chips_per_host_bounds": (2, 4, 1)} if dims == 2 and chips == 8 else {}
+    options = {"chips_per_host_bounds": (2, 4, 1)} if dims == 2 and num_chips == 8 else {}
     return f"{generation}:{'x'.join(map(str, shape))}", options
 
 
@@ -250,15 +190,16 @@ def tpu_devices(topology: str, slices: int = 1) -> list:
 
 def roofline(*, flops_per_device: float, hbm_bytes_per_device: float | None,
              ici_bytes: float, dcn_bytes: float, model_flops_per_device: float,
-             peak: float, chip: Chip) -> dict:
+             chip: chips.Chip) -> dict:
     """Step time bounds from a roofline: each resource at its peak rate.
 
-    compute = FLOPs / peak; memory = HBM bytes accessed / HBM bandwidth; communication = ICI
-    bytes / ICI bandwidth + DCN bytes / DCN bandwidth. The estimate is the max of the three
+    compute = FLOPs / peak FLOP/s; memory = HBM bytes accessed / HBM bandwidth; communication =
+    ICI bytes / ICI bandwidth + DCN bytes / DCN bandwidth. The estimate is the max of the three
     (XLA overlaps collectives with compute and streams HBM under the MXUs, so at best the
     slowest resource alone sets the pace): a lower bound on step time, so an upper bound on MFU.
     Their sum (no overlap at all) is reported beside it as the pessimistic end.
     """
+    peak = chip.peak_flops
     compute = flops_per_device / peak
     memory = None if hbm_bytes_per_device is None else hbm_bytes_per_device / chip.hbm_bw
     dcn_bw = chip.dcn_bw or chip.ici_bw  # unpublished DCN: costed as ICI (said in the report)
@@ -282,11 +223,13 @@ def link_bytes(found: dict[str, dict[str, int]], ways: int) -> int:
 def plan(cfg: ml_collections.ConfigDict, devices=None) -> dict:
     """Compile the train step of `cfg` on `devices` (default: all) and report its costs."""
     devices = jax.devices() if devices is None else devices
-    shape = config_lib.validate(cfg, len(devices))
+    shape = validate.validate(cfg, len(devices))
     mesh = sharding.make_mesh(cfg, devices=devices)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
         fns = train.compile_fns(cfg, mesh)
-        compiled = fns.step.lower(fns.abstract_state, abstract_batch(cfg, mesh)).compile()
+        abstract = batch.abstract((cfg.data.global_batch_size, cfg.data.seq_len),
+                                  cfg.data.segment_mask, sharding.batch_sharding(mesh))
+        compiled = fns.step.lower(fns.abstract_state, abstract).compile()
     stats = compiled.memory_analysis()
     try:
         hlo = compiled.as_text()
@@ -299,7 +242,7 @@ def plan(cfg: ml_collections.ConfigDict, devices=None) -> dict:
     memory["peak_estimate"] = sum(live) - memory["alias"] if None not in live else None
     mesh_shape = dict(zip(sharding.AXES, shape, strict=True))
     kind = devices[0].device_kind
-    chip = chip_of(kind)
+    chip = chips.lookup(kind)
     hbm = None if chip is None else chip.hbm_bytes
     fits = None if hbm is None or memory["peak_estimate"] is None else (
         memory["peak_estimate"] <= hbm)
@@ -315,8 +258,8 @@ def plan(cfg: ml_collections.ConfigDict, devices=None) -> dict:
 
 def _roofline(cfg, compiled, found, want, mesh_shape, num_devices, kind) -> dict | None:
     """The roofline for the compiled step, on the datasheet figures of its chip (None: a CPU)."""
-    chip, peak = chip_of(kind), peak_flops(kind)
-    if chip is None or peak is None:
+    chip = chips.lookup(kind)
+    if chip is None:
         return None
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
@@ -345,8 +288,8 @@ def _roofline(cfg, compiled, found, want, mesh_shape, num_devices, kind) -> dict
     out = roofline(flops_per_device=used,
                    hbm_bytes_per_device=cost.get("bytes accessed"),
                    ici_bytes=total - dcn_bytes, dcn_bytes=dcn_bytes,
-                   model_flops_per_device=model_flops, peak=peak, chip=chip)
-    out.update(peak_flops=peak, model_flops_per_device=model_flops, flops_used=used,
+                   model_flops_per_device=model_flops, chip=chip)
+    out.update(peak_flops=chip.peak_flops, model_flops_per_device=model_flops, flops_used=used,
                flops_source="compiled HLO" if used > executed else "model FLOPs x remat",
                hlo_flops_per_device=cost.get("flops"), dcn_bytes=dcn_bytes,
                link_bytes=total, dcn_published=chip.dcn_bw is not None)
@@ -384,9 +327,9 @@ def report(result: dict) -> str:
 
 def _roofline_lines(r: dict | None) -> list[str]:
     if r is None:
-        return ["roofline: n/a (no datasheet figures for this device; see plan.CHIPS)"]
+        return ["roofline: n/a (no datasheet figures for this device; see lmjax/chips.py)"]
     ms = lambda t: "n/a" if t is None else f"{t * 1e3:,.2f} ms"
-    lines = [f"roofline per step (datasheet peaks, lmjax/plan.py CHIPS): "
+    lines = [f"roofline per step (datasheet peaks, lmjax/chips.py): "
              f"estimate {ms(r['step_s'])} ({r['bound']}-bound; {ms(r['step_s_no_overlap'])} "
              f"if nothing overlapped), MFU <= {r['mfu']:.1%}",
              f"  compute        {ms(r['compute_s'])}: "

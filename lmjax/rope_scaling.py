@@ -21,7 +21,29 @@ import math
 import ml_collections
 import numpy as np
 
+from lmjax import config
+
 SCALINGS = ("none", "linear", "yarn")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """model.rope_scaling and the keys of the scaling it names."""
+    m = cfg.model
+    config.check_choices(cfg, {"model.rope_scaling": SCALINGS})
+    if m.rope_scaling == "none":
+        return
+    if m.position != "rope":
+        raise ValueError(f"model.rope_scaling={m.rope_scaling!r} needs model.position='rope', "
+                         f"not {m.position!r}.")
+    if m.rope_scaling_factor < 1.0:
+        raise ValueError(f"model.rope_scaling_factor={m.rope_scaling_factor} must be >= 1 (the "
+                         "new context over the trained one).")
+    if m.rope_scaling == "yarn" and m.rope_original_max_len < 1:
+        raise ValueError("model.rope_scaling='yarn' needs model.rope_original_max_len, the "
+                         "context the model was trained at.")
+    if m.rope_scaling == "yarn" and not 0 < m.rope_yarn_alpha < m.rope_yarn_beta:
+        raise ValueError(f"model.rope_yarn_alpha={m.rope_yarn_alpha} and rope_yarn_beta="
+                         f"{m.rope_yarn_beta} must satisfy 0 < alpha < beta.")
 
 
 def frequencies(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, float]:

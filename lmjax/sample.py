@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmjax import checkpoint
+from lmjax import inference
 from lmjax.model import Transformer
 
 TokensToLogits = Callable[[jax.Array, object], tuple[jax.Array, object]]
@@ -100,6 +100,8 @@ def _generate(graphdef, state, prompt_BP, start_B, key, *, max_new_tokens, tempe
 
     def tokens_to_logits(tokens_BL, cache):
         decoder = nnx.merge(cache_def, cache, rest)
+        # Decoding calls the module on tokens, not model.forward on a batch: there are no
+        # packed segments here, and positions come from the KV cache (Transformer.init_cache).
         logits_BLV = decoder(tokens_BL)
         return logits_BLV, nnx.state(decoder, nnx.Cache)
 
@@ -160,7 +162,7 @@ def main(workdir: str, prompts: Sequence[str], *, step: int | None = None,
     token, several print in turn. Each prompt follows an EOS, the document boundary the model
     was trained on, and a document ends at the next EOS. Returns the continuations."""
     out = out or sys.stdout
-    model, _, tokenizer = checkpoint.load_for_inference(workdir, step)
+    model, _, tokenizer = inference.load(workdir, step)
     if tokenizer is None:
         raise FileNotFoundError(f"{workdir} has no tokenizer.model to encode prompts with.")
     prompts = list(prompts) or [""]

@@ -10,15 +10,12 @@ with a config that changes what its checkpoints mean is refused unless forced.
 """
 
 import collections
-import contextlib
 import copy
 import dataclasses
 import functools
-import math
 import os
-import signal
-import threading
 import time
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -27,19 +24,32 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from flax.core import spmd
-from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from lmjax import attention, checkpoint, flops, loss, metrics, mup, optim, profiler, sharding
+from lmjax import (
+    attention,
+    checkpoint,
+    distributed,
+    faults,
+    flops,
+    loss,
+    metrics,
+    mup,
+    optim,
+    profiler,
+    sharding,
+    validate,
+)
 from lmjax import config as config_lib
+from lmjax.backends import cpu as cpu_backend
 from lmjax.data import pipeline
-from lmjax.model import Transformer
+from lmjax.model import DotGeneral, Transformer, forward
 
 
-def create(cfg: ml_collections.ConfigDict) -> tuple[Transformer, nnx.Optimizer]:
-    model = Transformer(cfg.model, nnx.Rngs(params=cfg.seed))
+def create(cfg: ml_collections.ConfigDict, dot_general: DotGeneral = jax.lax.dot_general
+           ) -> tuple[Transformer, nnx.Optimizer]:
+    """The model and its optimizer; `dot_general` is the dense layers' matmul (a backend's)."""
+    model = Transformer(cfg.model, nnx.Rngs(params=cfg.seed), dot_general)
     tx = optim.make(cfg.optim, cfg.train.steps, mup.lr_scales(cfg.model), mup.lr_labels)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -50,8 +60,7 @@ def _loss_and_grads(graphdef, params, rest, batch, num_tokens, key, cfg):
     def loss_fn(params):
         model = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=key) if cfg.model.dropout > 0 else None
-        logits_BLV = model(batch["inputs"], batch.get("positions"), rngs=rngs,
-                           segment_ids_BL=batch.get("segment_ids"))  # present when packed
+        logits_BLV = forward(model, batch, rngs)
         share = batch["weights"].sum() / num_tokens  # this micro-batch's share of all tokens
         total, aux = loss.cross_entropy(logits_BLV, batch["targets"], batch["weights"],
                                         cfg.optim.z_loss, with_accuracy=False)
@@ -84,52 +93,6 @@ def _accumulated_grads(graphdef, params, rest, batch, key, *, num_tokens, cfg):
     return aux, grads
 
 
-def _has_own_shard_map(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> bool:
-    """Whether the model runs a shard_map of its own (ring or splash attention, a vocab-split
-    embedding lookup). Nested in _reduce_scattered_grads' manual 'data' region it fails to lower
-    in JAX 0.10 (its jvp residuals are named with the parent's 'data' axis); there ZeRO-1 falls
-    back to a sharding constraint on the gradients, which XLA's TPU and GPU partitioners turn
-    into the same reduce-scatter."""
-    vocab = sharding.axes_of(sharding.RULES[cfg.mesh.rules]["vocab"])
-    return cfg.model.attention in ("ring", "splash") or math.prod(sizes[a] for a in vocab) > 1
-
-
-def _reduce_scattered_grads(grads_fn, params, rest, batch, key):
-    """ZeRO-1's gradients: each 'data' replica computes its rows' gradients alone, and one
-    reduce-scatter per weight leaves replica i the sum of its 1/data slice (sharding.over_data),
-    the slice its Adam moments hold.
-
-    Written by hand (shard_map, manual over 'data' only; FSDP/TP stay XLA's) because XLA:CPU
-    lowers the same layout asked for with a sharding constraint as an all-reduce, a slice and
-    an all-gather. With grad_accum, micro-batch gradients add up locally: one reduce-scatter a
-    step, not one all-reduce per micro-batch. Dropout masks differ per replica (the key is
-    folded with the replica index), so they are not the ones a 1-device run draws.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    sizes = dict(mesh.shape)
-    leaves, treedef = jax.tree.flatten(params)
-    specs = jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: isinstance(x, P))
-    dims = [sharding.data_dim(spec, x.shape, sizes) for spec, x in zip(specs, leaves, strict=True)]
-    local_rules = sharding.without_axis(spmd.get_logical_axis_rules(), "data")
-
-    def local(leaves, rest, batch, key):
-        # varying over 'data': each replica's gradient stays its own until the reduce-scatter
-        leaves = [jax.lax.pcast(x, "data", to="varying") for x in leaves]
-        key = jax.random.fold_in(key, jax.lax.axis_index("data"))
-        with nnx.logical_axis_rules(local_rules):
-            aux, grads = grads_fn(jax.tree.unflatten(treedef, leaves), rest, batch, key)
-        summed = [jax.lax.psum(g, "data") if d is None else
-                  jax.lax.psum_scatter(g, "data", scatter_dimension=d, tiled=True)
-                  for g, d in zip(jax.tree.leaves(grads), dims, strict=True)]
-        return jax.lax.psum(aux, "data"), summed
-
-    out_specs = [P() if d is None else P(*(None,) * d, "data") for d in dims]
-    aux, summed = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data"), P()),
-                                out_specs=(P(), out_specs), axis_names={"data"})(
-        leaves, rest, batch, key)
-    return aux, jax.tree.unflatten(treedef, summed)
-
-
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *,
                cfg: ml_collections.ConfigDict) -> tuple[nnx.State, dict]:
     # merge shares Variables with `state`, so the update below overwrites it: keep the old values
@@ -140,17 +103,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *,
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     num_tokens = jnp.maximum(batch["weights"].sum(), 1.0)
     grads_fn = functools.partial(_accumulated_grads, model_def, num_tokens=num_tokens, cfg=cfg)
-    sizes = dict(jax.sharding.get_abstract_mesh().shape)
-    zero1 = cfg.mesh.shard_optimizer and sizes.get("data", 1) > 1
-    if zero1 and not _has_own_shard_map(cfg, sizes):
-        aux, grads = _reduce_scattered_grads(grads_fn, params, rest, batch, key)
-    else:
-        aux, grads = grads_fn(params, rest, batch, key)
-    if zero1:  # (a no-op after _reduce_scattered_grads) each replica updates its 1/data slice
-        grads = jax.tree.map(
-            lambda g, spec: jax.lax.with_sharding_constraint(
-                g, sharding.over_data(spec, g.shape, sizes)),
-            grads, nnx.get_partition_spec(grads))
+    aux, grads = sharding.summed_grads(grads_fn, params, rest, batch, key, cfg)
     optimizer.update(model, grads)
     out = {f"train/{k}": v for k, v in aux.items()}
     out["train/grad_norm"] = optax.tree.norm(grads)
@@ -181,8 +134,7 @@ def _keep_if(ok: jax.Array, new: nnx.State, old: nnx.State, step: jax.Array,
 def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> dict:
     """Sums over a batch, so several batches combine into one exact mean."""
     model, _ = nnx.merge(graphdef, state)
-    logits_BLV = model(batch["inputs"], batch.get("positions"),
-                       segment_ids_BL=batch.get("segment_ids"))
+    logits_BLV = forward(model, batch)
     _, aux = loss.cross_entropy(logits_BLV, batch["targets"], batch["weights"])
     n = aux["num_tokens"]
     return {"loss": aux["loss"] * n, "accuracy": aux["accuracy"] * n, "num_tokens": n}
@@ -224,47 +176,6 @@ def _check_spike(step: int, loss_now: float, recent, factor: float, window: int 
             f"stopping the run.")
 
 
-FAULT_ENV = "LMJAX_FAULT"  # test hook 'phase:N' (step|eval|save|nan|term): docs/reliability.md
-
-
-def _fault(phase: str, step: int) -> bool:
-    """Whether the fault-injection hook names this point; only reliability tests set it."""
-    return os.environ.get(FAULT_ENV) == f"{phase}:{step}"
-
-
-def _crash_if(phase: str, step: int) -> None:
-    if _fault(phase, step):  # as an OOM killer or a lost VM would: no cleanup, no flush
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _sync_point(step: int) -> bool:
-    try:
-        return multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
-        return False
-
-
-@contextlib.contextmanager
-def _preemption_notice():
-    """Yield `preempted(step) -> bool`, to be asked once a step.
-
-    One process: SIGTERM sets a flag. Several: JAX's preemption sync point (its coordination
-    service hears SIGTERM and, on Cloud TPU, maintenance notices), which tells every host the
-    same step to stop at, so all of them take part in the same save.
-    """
-    if jax.process_count() > 1:
-        yield _sync_point
-    elif threading.current_thread() is not threading.main_thread():  # signals need the main one
-        yield lambda step: False
-    else:
-        notice = threading.Event()
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: notice.set())
-        try:
-            yield lambda step: notice.is_set()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
 def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
         force_resume: bool = False) -> dict:
     """Train (or resume training) in `workdir`; returns the last logged metrics.
@@ -274,7 +185,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
     does not allow to change.
     """
     devices = jax.devices() if devices is None else devices
-    config_lib.validate(cfg, len(devices))
+    validate.validate(cfg, len(devices))
     profiler.use_compilation_cache(cfg)
     mesh = sharding.make_mesh(cfg, devices)
     data = pipeline.build(cfg, jax.process_index(), jax.process_count())  # checks data, tokenizer
@@ -282,7 +193,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
     os.makedirs(workdir, exist_ok=True)
 
     with (jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)),
-          _preemption_notice() as preempted):
+          distributed.preemption_notice() as preempted):
         fns = compile_fns(cfg, mesh)
         ckpt = checkpoint.manager(workdir, cfg.checkpoint)
         restored = checkpoint.restore(ckpt, fns.abstract_state)
@@ -330,32 +241,27 @@ class Functions:
     eval: Callable[[nnx.State, dict], dict]
 
 
-def with_kernel(cfg: ml_collections.ConfigDict, platform: str,
-                weights_sharded: bool = False) -> ml_collections.ConfigDict:
-    """`cfg` with model.attention and model.weight_grad resolved for `platform` ('auto' -> what
-    it picks); an attention kernel the platform lacks fails here, before anything is compiled.
-
-    weight_grad 'auto' is 'transposed' on CPU with whole weights on every device: where FSDP or
-    tensor parallelism splits them, XLA gathers each weight again for the custom backward
-    instead of keeping the forward's gather (lmjax plan, bench on 4-way FSDP: all-gather bytes
-    +62% unrolled, +17% scanned)."""
+def with_kernel(cfg: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
+    """`cfg` with model.attention resolved for `platform` ('auto' -> what it picks); a kernel
+    the platform lacks fails here, before anything is compiled."""
+    if cfg.model.remat == "offload" and platform == "cpu":  # no host transfer is emitted
+        warnings.warn("model.remat='offload' on CPU keeps the saved matmul outputs in ordinary "
+                      "memory (host and device are one), i.e. it acts as 'dots_saveable'.",
+                      stacklevel=2)
     kernel = attention.resolve(cfg.model.attention, platform, cfg.model.dtype)
-    weight_grad = cfg.model.weight_grad
-    if weight_grad == "auto":
-        weight_grad = "transposed" if platform == "cpu" and not weights_sharded else "xla"
-    if (kernel, weight_grad) == (cfg.model.attention, cfg.model.weight_grad):
+    if kernel == cfg.model.attention:
         return cfg
     cfg = copy.deepcopy(cfg)
-    cfg.model.attention, cfg.model.weight_grad = kernel, weight_grad
+    cfg.model.attention = kernel
     return cfg
 
 
 def compile_fns(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Functions:
     """Jit init, train and eval steps with explicit shardings; call under the mesh and rules."""
-    sizes = dict(mesh.shape)
-    cfg = with_kernel(cfg, mesh.devices.flat[0].platform,
-                      weights_sharded=sizes.get("fsdp", 1) * sizes.get("tensor", 1) > 1)
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: create(cfg)))
+    platform, sizes = mesh.devices.flat[0].platform, dict(mesh.shape)
+    cfg = with_kernel(cfg, platform)
+    dot_general = cpu_backend.dot_general_for(platform, sizes["fsdp"] * sizes["tensor"] > 1)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: create(cfg, dot_general)))
     sharding.check_divisible(abstract_state, mesh, cfg.mesh.rules)
     state_shardings = nnx.get_named_sharding(abstract_state, mesh)
     if cfg.mesh.shard_optimizer:
@@ -366,7 +272,7 @@ def compile_fns(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Func
     batch_sharding = sharding.batch_sharding(mesh)
     return Functions(
         abstract_state=abstract_state,
-        init=jax.jit(lambda: nnx.state(create(cfg)), out_shardings=state_shardings),
+        init=jax.jit(lambda: nnx.state(create(cfg, dot_general)), out_shardings=state_shardings),
         step=jax.jit(functools.partial(train_step, graphdef, cfg=cfg),
                      in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, None), donate_argnums=0),
@@ -375,86 +281,95 @@ def compile_fns(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Func
     )
 
 
-def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted) -> dict:
-    writer = metrics.Writer(workdir, resume_step=start)
-    trace = profiler.Window(cfg, workdir)
-    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    flops_per_step = flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    # the `flops` column counts in the run's convention (its budget's); MFU always in the project's
-    counted_per_step = tokens_per_step * flops.flops_per_token(cfg.model, cfg.data.seq_len,
-                                                               cfg.train.flops_convention)
-    peak = metrics.peak_flops_per_device() * metrics.peak_chips(mesh.devices.flatten().tolist())
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=jax.process_index() != 0,
-               unit="step", dynamic_ncols=True)
-    pending, last = None, {}
-    recent = collections.deque(maxlen=20)  # train losses the spike guard compares against
-    window_start, window_steps = time.perf_counter(), 0
+class _Log:
+    """metrics.jsonl's rows and the progress bar; every logged loss is first checked (finite,
+    no spike), and a row is written every train.log_every steps and whenever `extra` (an
+    evaluation) comes with it."""
 
-    def log(step_done, values, extra):
-        nonlocal window_start, window_steps, last
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, mesh, start: int):
+        self.cfg, self.last = cfg, {}
+        self.writer = metrics.Writer(workdir, resume_step=start)
+        self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        seq_len = cfg.data.seq_len
+        self.flops_per_token = flops.flops_per_token(cfg.model, seq_len)  # MFU: the project's
+        # the `flops` column counts in the run's convention (its budget's)
+        self.counted_per_step = self.tokens_per_step * flops.flops_per_token(
+            cfg.model, seq_len, cfg.train.flops_convention)
+        self.peak = (metrics.peak_flops_per_device()
+                     * metrics.peak_chips(mesh.devices.flatten().tolist()))
+        self.bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True,
+                        disable=jax.process_index() != 0)
+        self.recent = collections.deque(maxlen=20)  # the losses the spike guard compares with
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def dispatched(self) -> None:
+        self.window_steps += 1
+        self.bar.update(1)
+
+    def __call__(self, step_done: int, step_metrics: dict, extra: dict) -> None:
+        values, t = jax.device_get(step_metrics), self.cfg.train
         _check_finite(step_done, {**values, **extra})
         loss_now = float(values["train/loss"])
-        if cfg.train.spike_factor:
-            _check_spike(step_done, loss_now, recent, cfg.train.spike_factor)
+        if t.spike_factor:
+            _check_spike(step_done, loss_now, self.recent, t.spike_factor)
         if np.isfinite(loss_now):
-            recent.append(loss_now)
-        if step_done % cfg.train.log_every and step_done != cfg.train.steps and not extra:
+            self.recent.append(loss_now)
+        if step_done % t.log_every and step_done != t.steps and not extra:
             return
-        if window_steps:  # else: a second row for the same window (an eval), same rate
-            elapsed = time.perf_counter() - window_start
-            rate = window_steps * tokens_per_step / elapsed
-            window_start, window_steps = time.perf_counter(), 0
-        else:
-            rate = last.get("tokens_per_s", 0.0)
-        row = {**values, **extra, "tokens": step_done * tokens_per_step, "tokens_per_s": rate,
-               "flops": step_done * counted_per_step,
-               "mfu": rate * flops_per_step / tokens_per_step / peak}
-        writer.write(step_done, row)
-        last = row
-        bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{rate:,.0f}")
+        rate = self.last.get("tokens_per_s", 0.0)  # a second row for one window (an eval)
+        if self.window_steps:
+            rate = self.window_steps * self.tokens_per_step / (
+                time.perf_counter() - self.window_start)
+            self.window_start, self.window_steps = time.perf_counter(), 0
+        self.last = {**values, **extra, "tokens": step_done * self.tokens_per_step,
+                     "tokens_per_s": rate, "flops": step_done * self.counted_per_step,
+                     "mfu": rate * self.flops_per_token / self.peak}
+        self.writer.write(step_done, self.last)
+        self.bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{rate:,.0f}")
 
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted) -> dict:
+    """Dispatch step n, then read step n-1's metrics; evaluate, check and save on cadence."""
+    def evaluate_at(state, step):
+        return evaluate(fns.eval, state, data.eval_batches, mesh)
+
+    def save(step, state):
+        checkpoint.save(ckpt, step, state, data.train.get_state())
+
+    step_fn, eval_fn, save_fn = faults.inject(fns.step, evaluate_at, save, start)
+    log, trace, pending = _Log(cfg, workdir, mesh, start), profiler.Window(cfg, workdir), None
     try:
-        for step in range(start, cfg.train.steps):
-            local = next(data.train)
-            if _fault("nan", step + 1):  # test hook: a batch whose loss is NaN
-                local = {**local, "weights": local["weights"] * np.nan}
-            batch = sharding.to_global(local, mesh)
-            trace.before(step + 1)
-            state, step_metrics = fns.step(state, batch)
-            trace.after(step + 1, step_metrics)
-            _crash_if("step", step + 1)
-            if _fault("term", step + 1):  # test hook: a preemption notice, delivered as by a VM
-                os.kill(os.getpid(), signal.SIGTERM)
-            window_steps += 1
+        for done in range(start + 1, cfg.train.steps + 1):
+            batch = sharding.to_global(next(data.train), mesh)
+            trace.before(done)
+            state, step_metrics = step_fn(state, batch)
+            trace.after(done, step_metrics)
+            log.dispatched()
             if pending is not None:  # step n-1's numbers, read while step n runs
-                log(pending[0], jax.device_get(pending[1]), {})
-            pending = (step + 1, step_metrics)
-            bar.update(1)
-            done = step + 1
-            is_eval = cfg.train.eval_every and done % cfg.train.eval_every == 0
-            is_save = done % cfg.checkpoint.every == 0 or done == cfg.train.steps
-            if is_eval or is_save or done == cfg.train.steps:
-                extra = {}
-                if is_eval or done == cfg.train.steps:
-                    _crash_if("eval", done)
-                    extra = evaluate(fns.eval, state, data.eval_batches, mesh)
-                log(done, jax.device_get(step_metrics), extra)  # checks finiteness before a save
+                log(*pending)
+            pending, last = (done, step_metrics, {}), done == cfg.train.steps
+            is_eval = last or bool(cfg.train.eval_every and done % cfg.train.eval_every == 0)
+            is_save = last or done % cfg.checkpoint.every == 0
+            if is_eval or is_save:  # the loss is checked before a save can keep it
+                log(done, step_metrics, eval_fn(state, done) if is_eval else {})
                 pending = None
             if is_save:
-                checkpoint.save(ckpt, done, state, data.train.get_state())
-                _crash_if("save", done)  # with an async save, while it is being written
+                save_fn(done, state)
             if preempted(done):
                 if pending is not None:
-                    log(done, jax.device_get(step_metrics), {})
+                    log(*pending)
                 if not is_save:
-                    checkpoint.save(ckpt, done, state, data.train.get_state())
+                    save_fn(done, state)
                 ckpt.wait_until_finished()
                 print(f"Preempted: saved step {done} in {workdir}; the same command resumes.")
                 break
         ckpt.wait_until_finished()
     finally:
         trace.stop()
-        bar.close()
-        writer.close()
+        log.close()
         ckpt.close()
-    return last
+    return log.last

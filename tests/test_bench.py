@@ -8,7 +8,8 @@ import sys
 import jax
 import pytest
 
-from lmjax import bench, cli
+from lmjax import bench
+from lmjax.backends import cpu_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.vocab_size=256", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
@@ -92,14 +93,14 @@ def test_command_prints_json_last_and_runs_with_huge_page_malloc():
     assert r["mesh"]["data"] == 1 and r["cpu_devices"] == 3
     assert r["xla_cpu_pool_threads"] == max(3, os.cpu_count())
     assert any(line.startswith("MFU") for line in lines[:-1])  # the table came first
-    # `lmjax` re-executed itself with glibc's huge-page tunable (cli.tune_host_malloc)
-    assert r["glibc_tunables"] == cli.HOST_MALLOC_TUNABLE
+    # `lmjax` re-executed itself with glibc's huge-page tunable (backends.cpu_host.prepare)
+    assert r["glibc_tunables"] == cpu_host.HOST_MALLOC_TUNABLE
 
 
 def test_host_malloc_keeps_the_users_tunables_or_opts_out(tmp_path):
     users = "glibc.malloc.trim_threshold=1000000000"
     r = json.loads(_bench_command({**os.environ, "GLIBC_TUNABLES": users})[-1])
-    assert r["glibc_tunables"] == f"{users}:{cli.HOST_MALLOC_TUNABLE}"
+    assert r["glibc_tunables"] == f"{users}:{cpu_host.HOST_MALLOC_TUNABLE}"
     env = {**os.environ, "LMJAX_HOST_MALLOC": "default"}
     env.pop("GLIBC_TUNABLES", None)
     # run from elsewhere: without the re-exec nothing else puts the checkout on sys.path, and

@@ -69,3 +69,11 @@ def test_unknown_command_and_missing_config():
     assert out.returncode != 0 and "Unknown command 'trian'" in out.stderr
     out = lmjax("train", "--workdir=/tmp/x")
     assert out.returncode != 0 and "--config=configs/x.py[:arg] is required" in out.stderr
+
+
+def test_each_command_lists_only_its_own_flags():
+    train, sample = lmjax("train", "--help", devices=1), lmjax("sample", "--help", devices=1)
+    assert "--[no]force_resume" in train.stdout and "--coordinator" in train.stdout
+    assert "--temperature" not in train.stdout and "--cpu_devices" not in train.stdout
+    assert "--temperature" in sample.stdout and "--max_new_tokens" in sample.stdout
+    assert "force_resume" not in sample.stdout and "--config" not in sample.stdout

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import smoke
-from lmjax import sharding, train
+from lmjax import sharding, train, validate
 
 STEPS = 3
 LAYOUTS = {  # name: (mesh overrides, attention kernel)
@@ -56,7 +56,7 @@ def packed_batches(cfg):
 
 def train_steps(mesh_overrides: dict, kernel: str):
     cfg = smoke_cfg(mesh_overrides, kernel)
-    config_shape = train.config_lib.validate(cfg, 8)
+    config_shape = validate.validate(cfg, 8)
     mesh = sharding.make_mesh(cfg)
     assert dict(mesh.shape) == dict(zip(sharding.AXES, config_shape, strict=True))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
@@ -109,12 +109,12 @@ def test_activations_are_split_along_the_sequence():
 def test_ring_without_a_seq_axis_is_one_sentence():
     cfg = smoke_cfg(dict(data=8), "ring")
     with pytest.raises(ValueError, match=r"needs a sequence axis .* set mesh.seq"):
-        train.config_lib.validate(cfg, 8)
+        validate.validate(cfg, 8)
     cfg = smoke_cfg(dict(data=1, seq=8), "ring")
     cfg.data.seq_len = 36
     cfg.model.max_len = 36
     with pytest.raises(ValueError, match="data.seq_len=36 is not divisible by the seq axis"):
-        train.config_lib.validate(cfg, 8)
+        validate.validate(cfg, 8)
 
 
 @pytest.mark.slow

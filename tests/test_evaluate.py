@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import checkpoint, evaluate
+from lmjax import evaluate, inference
 from lmjax.data.tokenizer import Tokenizer, resolve_tokenizer
 
 TEXT = "Ay me! sad hours seem long.\nNaïve café — ünïcödé 😀 and tabs\there.\n\n"
@@ -60,7 +60,7 @@ def test_eval_of_a_text_file_against_a_direct_computation(smoke_workdir, tmp_pat
     path = tmp_path / "poem.txt"
     path.write_text(TEXT * 3)
     result = evaluate.evaluate(smoke_workdir, text=str(path))
-    model, cfg, tokenizer = checkpoint.load_for_inference(smoke_workdir)
+    model, cfg, tokenizer = inference.load(smoke_workdir)
     ids = np.array(tokenizer.encode([TEXT * 3])[0] + [tokenizer.eos_id])  # a document, its EOS
     L, nll, correct = cfg.data.seq_len, [], []
     for start in range(0, len(ids) - 1, L):  # rows of L targets, the last one shorter

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from configs import base, smoke
-from lmjax import config, flops, train
+from lmjax import flops, train, validate
 
 
 def tiny_model():
@@ -75,7 +75,7 @@ def test_chinchilla_table_a4_ratios(name):
 
 @pytest.mark.parametrize("convention", flops.CONVENTIONS)
 def test_flops_budget_counts_in_the_chosen_convention(convention):
-    cfg = config.load("configs/smoke.py", ["train.flops_budget=1e9",
+    cfg = validate.load("configs/smoke.py", ["train.flops_budget=1e9",
                                            f"train.flops_convention={convention}"])
     per_step = flops.flops_per_token(cfg.model, 32, convention) * 8 * 32
     assert cfg.train.steps == round(1e9 / per_step)
@@ -83,11 +83,11 @@ def test_flops_budget_counts_in_the_chosen_convention(convention):
 
 
 def test_unknown_convention_is_one_sentence_naming_the_key():
-    cfg = config.load("configs/smoke.py", ["train.flops_convention=palm"])
+    cfg = validate.load("configs/smoke.py", ["train.flops_convention=palm"])
     with pytest.raises(ValueError, match=r"train.flops_convention='palm' is not one of"):
-        config.validate(cfg, 1)
+        validate.validate(cfg, 1)
     with pytest.raises(ValueError, match=r"train.flops_convention='palm' is not one of"):
-        config.load("configs/smoke.py", ["train.flops_convention=palm", "train.flops_budget=1e9"])
+        validate.load("configs/smoke.py", ["train.flops_convention=palm", "train.flops_budget=1e9"])
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lmjax import checkpoint, config, evaluate, train  # noqa: E402
+from lmjax import config, evaluate, inference, train  # noqa: E402
 from lmjax.interop import hf  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 12))
@@ -135,7 +135,7 @@ def test_workdir_to_hf_and_back(smoke_workdir, tmp_path):
     """A trained run exported is the same model to transformers; imported again, it evaluates
     to the same numbers as the original run."""
     hf.convert_to_hf(smoke_workdir, str(tmp_path / "hf"))
-    model, _, _ = checkpoint.load_for_inference(smoke_workdir)
+    model, _, _ = inference.load(smoke_workdir)
     tokens = np.random.default_rng(1).integers(0, 2048, (2, 16))
     auto = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     np.testing.assert_allclose(torch_logits(auto, tokens), model(jnp.asarray(tokens)),

@@ -11,7 +11,17 @@ import pytest
 from flax import nnx
 
 from configs import smoke
-from lmjax import attention, checkpoint, config, evaluate, model, rope_scaling, sample, sharding
+from lmjax import (
+    attention,
+    checkpoint,
+    evaluate,
+    inference,
+    model,
+    rope_scaling,
+    sample,
+    sharding,
+    validate,
+)
 from lmjax import train as train_lib
 from tests.test_sample import full_forward
 
@@ -68,7 +78,7 @@ def test_a_stride_outside_1_to_the_context_is_refused(stride):
     cfg.data.eval_stride = stride + 16 if stride > 0 else stride
     if stride != 0:
         with pytest.raises(ValueError, match=f"eval_stride={cfg.data.eval_stride} must be"):
-            config.validate(cfg, 8)
+            validate.validate(cfg, 8)
 
 
 def score(m: model.Transformer, stream: np.ndarray, seq_len: int, stride: int) -> np.ndarray:
@@ -186,12 +196,12 @@ def test_a_window_larger_than_the_context_is_refused():
     cfg = smoke.get_config()  # seq_len 32
     cfg.model.attention_window = 33
     with pytest.raises(ValueError, match="attention_window=33 is larger than the context"):
-        config.validate(cfg, 8)
+        validate.validate(cfg, 8)
     cfg.model.attention_window = 32  # a no-op at 32, but meaningful at longer evaluation
-    config.validate(cfg, 8)
+    validate.validate(cfg, 8)
     cfg.model.attention_window = -1
     with pytest.raises(ValueError, match="must be >= 0"):
-        config.validate(cfg, 8)
+        validate.validate(cfg, 8)
 
 
 # ------------------------------------------------------------------ RoPE scaling
@@ -270,7 +280,7 @@ def test_bad_rope_scaling_is_refused(change, message):
     cfg = smoke.get_config()
     cfg.model.update(**change)
     with pytest.raises(ValueError, match=message):
-        config.validate(cfg, 8)
+        validate.validate(cfg, 8)
 
 
 # ------------------------------------------------------------------ through a trained run
@@ -284,7 +294,7 @@ def test_strided_eval_of_a_run_against_the_hugging_face_loop(smoke_workdir, tmp_
     path = tmp_path / "poem.txt"
     path.write_text("Shall I compare thee to a summer's day? Thou art more lovely. " * 6)
     result = evaluate.evaluate(smoke_workdir, text=str(path), stride=12)
-    m, cfg, tokenizer = checkpoint.load_for_inference(smoke_workdir)
+    m, cfg, tokenizer = inference.load(smoke_workdir)
     ids = np.array(tokenizer.encode([path.read_text()])[0] + [tokenizer.eos_id])
     L, n, nll, prev_end = cfg.data.seq_len, len(ids) - 1, [], 0
     for begin in range(0, n, 12):
@@ -307,11 +317,11 @@ def test_strided_eval_of_a_run_against_the_hugging_face_loop(smoke_workdir, tmp_
     built = []
 
     def spy(*args, **kwargs):
-        built.append(checkpoint_load(*args, **kwargs))
+        built.append(real_load(*args, **kwargs))
         return built[-1]
 
-    checkpoint_load = checkpoint.load_for_inference
-    monkeypatch.setattr(checkpoint, "load_for_inference", spy)
+    real_load = inference.load
+    monkeypatch.setattr(inference, "load", spy)
     pi = evaluate.evaluate(smoke_workdir, text=str(path), overrides=(
         "model.rope_scaling=linear", "model.rope_scaling_factor=2.0"))
     assert built[-1][0].cfg.rope_scaling == "linear" and m.cfg.rope_scaling == "none"
@@ -348,12 +358,12 @@ def test_init_from_loads_the_weights_with_a_fresh_optimizer(smoke_workdir):
     cfg.model.update(rope_scaling="yarn", rope_scaling_factor=2.0, rope_original_max_len=32)
     cfg.train.init_from = smoke_workdir
     cfg.mesh.update(data=2, fsdp=2, tensor=2)
-    config.validate(cfg, 8)
+    validate.validate(cfg, 8)
     mesh = sharding.make_mesh(cfg, jax.devices())
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
         fns = train_lib.compile_fns(cfg, mesh)
         state = checkpoint.load_params(smoke_workdir, fns.init())
-    source, _, _ = checkpoint.load_for_inference(smoke_workdir)
+    source, _, _ = inference.load(smoke_workdir)
     loaded = nnx.to_pure_dict(state)
     for got, want in zip(jax.tree.leaves(loaded[0]), jax.tree.leaves(nnx.to_pure_dict(
             nnx.state(source))), strict=True):

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 
 from configs import base
-from lmjax import config as config_lib
+from lmjax import validate
 from lmjax.data import mixture, pipeline
 from lmjax.data.tokenizer import TEXT_DIR
 
@@ -94,12 +94,12 @@ def test_parse_and_its_errors():
 def test_validate_refuses_bad_mixtures(texts):
     cfg = make_cfg(texts, "en={root}/en.txt:1,zh={root}/zh.txt:-1")
     with pytest.raises(ValueError, match="'zh' has a negative weight"):
-        config_lib.validate(cfg, 1)
+        validate.validate(cfg, 1)
     cfg = make_cfg(texts)
     cfg.data.source = "synthetic"
     with pytest.raises(ValueError, match="needs data.source='text'"):
-        config_lib.validate(cfg, 1)
-    config_lib.validate(make_cfg(texts), 1)
+        validate.validate(cfg, 1)
+    validate.validate(make_cfg(texts), 1)
     with pytest.raises(FileNotFoundError, match="data.mixture source 'xx'"):
         pipeline.build(make_cfg(texts, "en={root}/en.txt:1,xx={root}/nope/*.txt:1"))
 
@@ -168,14 +168,14 @@ def mixture_run(tmp_path_factory):
 def test_per_source_bits_per_byte_against_a_direct_computation(mixture_run):
     import jax.numpy as jnp
 
-    from lmjax import checkpoint, evaluate
+    from lmjax import evaluate, inference
     from lmjax.data import sources
 
     workdir, root = mixture_run
     result = evaluate.evaluate(workdir)
     table = [line.split() for line in evaluate.report(result).splitlines()]
     assert [row[0] for row in table if row[0] in ("en", "zh")] == ["en", "zh"]
-    model, cfg, tokenizer = checkpoint.load_for_inference(workdir)
+    model, cfg, tokenizer = inference.load(workdir)
     total_nats, total_bytes = 0.0, 0
     for name in ("en", "zh"):
         _, stream = sources.text_streams([root / f"{name}.txt"], tokenizer, 0.1)

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from configs import smoke
-from lmjax import attention, model
+from lmjax import attention, model, positions
 
 
 def tiny(**overrides):
@@ -79,11 +79,11 @@ def test_rope_is_relative():
 
     def score(m, n):
         pm, pn = jnp.full((1, 1), m), jnp.full((1, 1), n)
-        return float(jnp.sum(model.rope(q, pm, 1e4) * model.rope(k, pn, 1e4)))
+        return float(jnp.sum(positions.rope(q, pm, 1e4) * positions.rope(k, pn, 1e4)))
 
     assert score(5, 3) == pytest.approx(score(12, 10), rel=1e-5)
     assert score(5, 3) != pytest.approx(score(5, 4), rel=1e-3)
-    np.testing.assert_allclose(jnp.linalg.norm(model.rope(q, jnp.full((1, 1), 9), 1e4)),
+    np.testing.assert_allclose(jnp.linalg.norm(positions.rope(q, jnp.full((1, 1), 9), 1e4)),
                                jnp.linalg.norm(q), rtol=1e-6)
 
 
@@ -123,53 +123,3 @@ def test_remat_same_gradients(remat):
     for a, b in zip(jax.tree.leaves(grads(tiny())), jax.tree.leaves(grads(tiny(remat=remat))),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("family,dtype,tol", [("llama", "float32", 1e-5),
-                                              ("gpt2", "float32", 1e-5),
-                                              ("llama", "bfloat16", 2e-2)])
-def test_transposed_weight_grads_equal_xla(family, dtype, tol):
-    """model.weight_grad only changes how the weight-gradient matmul is laid out."""
-    def grads(weight_grad):
-        cfg = tiny(weight_grad=weight_grad, dtype=dtype, **FAMILIES[family])
-        m = model.Transformer(cfg, nnx.Rngs(0))
-        return nnx.grad(lambda m: jnp.sin(m(TOKENS)).mean())(m)
-
-    for a, b in zip(jax.tree.leaves(grads("transposed")), jax.tree.leaves(grads("xla")),
-                    strict=True):
-        assert a.dtype == b.dtype == jnp.float32  # master weights' gradients
-        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 1e-2)
-
-
-def _weight_grad_dots(dot_general):
-    """The compiled HLO's dots for d/dW of a [B, L, 16] -> 24 dense layer, and its gradients."""
-    layer = nnx.Linear(16, 24, dot_general=dot_general, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
-    loss = lambda layer, x: jnp.sum(jnp.sin(model.tokenwise(layer, x)))
-    grad = jax.jit(nnx.grad(loss, argnums=(0, 1)))
-    hlo = grad.lower(layer, x).compile().as_text()
-    dots = [line for line in hlo.splitlines() if " dot(" in line or "dot_general" in line
-            and "fusion(" not in line]
-    return dots, grad(layer, x)
-
-
-def test_transposed_weight_grad_dot_has_no_transposed_operand():
-    """On XLA:CPU the folded dW = xᵀ·g contracts the left operand's first dimension (Eigen's
-    path); with weight_grad='transposed' no dot does, and the gradients are the same."""
-    folded, want = _weight_grad_dots(jax.lax.dot_general)
-    plain, got = _weight_grad_dots(model.transposed_grad_dot_general)
-    assert any("lhs_contracting_dims={0}" in line for line in folded)
-    assert not any("lhs_contracting_dims={0}" in line for line in plain)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_weight_grad_auto_resolves_per_platform():
-    from lmjax import train
-    cfg = smoke.get_config()
-    assert cfg.model.weight_grad == "auto"
-    assert train.with_kernel(cfg, "cpu").model.weight_grad == "transposed"
-    assert train.with_kernel(cfg, "tpu").model.weight_grad == "xla"
-    assert train.with_kernel(cfg, "cpu", weights_sharded=True).model.weight_grad == "xla"
-    assert model.dense_dot_general(tiny(weight_grad="xla")) is jax.lax.dot_general
-    assert model.dense_dot_general(tiny()) is model.transposed_grad_dot_general  # CPU here

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from lmjax.data import corpora, multilingual
+from lmjax.corpora import english, multilingual
 from lmjax.data.tokenizer import Tokenizer, resolve_tokenizer
 
 
@@ -94,9 +94,9 @@ def test_build_records_sources_sizes_and_held_out_part(tmp_path, monkeypatch):
         (licences / f"{package}.copyright").write_text("License: public-domain\n")
         return tmp_path, {"deb": f"{package}_1.0_all.deb"}
 
-    monkeypatch.setattr(corpora, "fetch", fake_fetch)
+    monkeypatch.setattr(english, "fetch", fake_fetch)
     docs = [f"Dokument {i}." + " Wort" * 50 for i in range(200)]  # 261 to 263 bytes each
-    chosen = {"de": (corpora.Source("fake_de", "fake-de", "public domain",
+    chosen = {"de": (english.Source("fake_de", "fake-de", "public domain",
                                     lambda root: docs),)}
     manifest = multilingual.build(tmp_path / "out", tmp_path / "cache", chosen,
                                   max_bytes=100 * 263)
@@ -104,7 +104,7 @@ def test_build_records_sources_sizes_and_held_out_part(tmp_path, monkeypatch):
     assert entry["sources"][0]["documents"] == 100  # capped at max_bytes
     assert entry["train_documents"] + entry["validation_documents"] == 100
     assert 0 < entry["validation_documents"] < 20
-    held_out = [d for d in docs[:100] if corpora.held_out(d)]
+    held_out = [d for d in docs[:100] if english.held_out(d)]
     text = (tmp_path / "out/de/validation.txt").read_text(encoding="utf-8")
     assert text == "\n\n\n".join(held_out) + "\n"
     assert json.loads((tmp_path / "out/manifest.json").read_text()) == manifest

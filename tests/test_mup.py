@@ -12,8 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import base, smoke
-from lmjax import config as config_lib
-from lmjax import coord_check, mup, optim, train
+from lmjax import coord_check, mup, optim, train, validate
 from lmjax.model import Transformer
 
 # configs/smoke.py, unrolled layers, 3 steps (warmup 1) on one device, trained by the code
@@ -121,10 +120,10 @@ def test_config_rejects_bad_parametrization():
     cfg = smoke.get_config()
     cfg.model.parametrization = "ntk"
     with pytest.raises(ValueError, match="model.parametrization='ntk' is not one of"):
-        config_lib.validate(cfg, 8)
+        validate.validate(cfg, 8)
     cfg.model.update(parametrization="mup", mup_base_width=0)
     with pytest.raises(ValueError, match="model.mup_base_width=0 must be at least 1"):
-        config_lib.validate(cfg, 8)
+        validate.validate(cfg, 8)
 
 
 def test_width_config_scales_heads_and_mlp():

@@ -117,9 +117,14 @@ def test_every_remat_policy_gives_the_gradients_of_none(remat, scan):
 
 
 def test_offload_on_cpu_says_it_keeps_activations_in_memory():
+    """The train step's builder says so (train.with_kernel); the model never asks its backend."""
+    cfg = smoke.get_config()
+    cfg.model.remat = "offload"
     with pytest.warns(UserWarning, match="acts as 'dots_saveable'"):
-        loss_and_grads(model_lib.Transformer(tiny(remat="offload"), nnx.Rngs(params=0)),
-                       tokens())
+        train.with_kernel(cfg, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.with_kernel(cfg, "tpu")
 
 
 def test_bf16_compute_keeps_f32_master_weights_and_optimizer_state():

@@ -1,11 +1,12 @@
 """Reliability: crash and preemption resume, corrupt checkpoints, resharding, NaN guard, bad input.
 
 The crash harness runs `python -m lmjax train` as a subprocess and kills it with SIGKILL at
-seeded points, through the LMJAX_FAULT hook (train.py) so that each kill lands in the phase it
-names: just after a step is dispatched, as an evaluation starts, or while an async checkpoint is
-being written. After the last restart, metrics.jsonl must equal an uninterrupted run's, float
-for float, and every row any attempt ever wrote must match too. scripts/stress_resume.py runs
-the same harness with many more kills, some at random wall-clock times.
+seeded points, through the LMJAX_FAULT hook (lmjax/faults.py) so that each kill lands in the
+phase it names: just after a step is dispatched, as an evaluation starts, or while an async
+checkpoint is being written. After the last restart, metrics.jsonl must equal an uninterrupted
+run's, float for float, and every row any attempt ever wrote must match too.
+scripts/stress_resume.py runs the same harness with many more kills, some at random wall-clock
+times.
 """
 
 import json
@@ -22,7 +23,7 @@ import pytest
 from flax import nnx
 
 from configs import smoke
-from lmjax import checkpoint, config, sharding, train
+from lmjax import checkpoint, config, faults, sharding, train, validate
 from tests import xla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def subprocess_env(compile_cache: str) -> dict:
 
 
 def start_train(workdir, env: dict, fault: str | None = None, *extra: str) -> subprocess.Popen:
-    env = {**env, train.FAULT_ENV: fault} if fault else env
+    env = {**env, faults.FAULT_ENV: fault} if fault else env
     return subprocess.Popen([sys.executable, "-m", "lmjax", "train", *ARGS, f"--workdir={workdir}",
                              *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -325,7 +326,7 @@ SHORT = {**SINGLE, "train": {"steps": 6, "eval_every": 0}, "checkpoint": {"every
 
 @pytest.mark.slow
 def test_nan_stops_with_step_and_metric_and_saves_nothing_after(tmp_path, monkeypatch):
-    monkeypatch.setenv(train.FAULT_ENV, "nan:5")  # step 5's batch has NaN weights
+    monkeypatch.setenv(faults.FAULT_ENV, "nan:5")  # step 5's batch has NaN weights
     workdir = str(tmp_path / "run")
     with pytest.raises(FloatingPointError,
                        match=r"train/grad_norm=nan, .*train/loss=nan at step 5; stopping the run"):
@@ -336,7 +337,7 @@ def test_nan_stops_with_step_and_metric_and_saves_nothing_after(tmp_path, monkey
 
 @pytest.mark.slow
 def test_skip_mode_leaves_weights_and_moments_untouched(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(train.FAULT_ENV, "nan:5")
+    monkeypatch.setenv(faults.FAULT_ENV, "nan:5")
     cfg = smoke_cfg(**{**SHORT, "train": {"steps": 5, "eval_every": 0, "on_nonfinite": "skip"}})
     workdir = str(tmp_path / "run")
     train.run(cfg, workdir, devices=ONE)  # saves 4, then 5 (the last step)
@@ -425,7 +426,7 @@ def test_guard_settings_are_validated(key, value, message):
     cfg = smoke.get_config()
     cfg.train[key] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        config.validate(cfg, 8)
+        validate.validate(cfg, 8)
 
 
 @pytest.mark.slow

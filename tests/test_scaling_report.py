@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from lmjax import config, flops
+from lmjax import config, flops, validate
 from lmjax.scaling import fit, report, shapes
 
 LAW = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -30,7 +30,7 @@ def write_run(workdir: str, target: float, budget: float) -> None:
     cfg = smoke.get_config()
     cfg.model.update(shape(target))
     cfg.train.flops_budget = budget
-    config.apply_budget(cfg)
+    validate.apply_budget(cfg)
     os.makedirs(workdir)
     config.save(cfg, os.path.join(workdir, "config.json"))
     N = flops.count_params(cfg.model)["non_embedding"]
@@ -75,7 +75,7 @@ def test_table_holds_exact_counts(analyzed):
     assert len(rows) == 21
     saved = config.from_json(os.path.join(root, rows[0]["name"], "config.json"))
     assert int(rows[0]["params_non_embedding"]) == flops.count_params(saved.model)["non_embedding"]
-    assert int(rows[0]["steps"]) == saved.train.steps == config.budget_steps(saved)
+    assert int(rows[0]["steps"]) == saved.train.steps == validate.budget_steps(saved)
     metrics = [json.loads(line) for line in open(os.path.join(root, rows[0]["name"],
                                                               "metrics.jsonl"))]
     assert float(rows[0]["eval_loss"]) == metrics[-1]["eval/loss"]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from configs import smoke
-from lmjax import config, flops
+from lmjax import config, flops, validate
 from lmjax.scaling import shapes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -27,20 +27,20 @@ def test_smoke_golden_flops():
     ("train.flops_budget=1e10", round(1e10 / SMOKE_FLOPS_PER_STEP)),  # 75.5 -> 76
 ])
 def test_budgets_set_the_number_of_steps(override, steps):
-    cfg = config.load(str(CONFIGS / "smoke.py"), [override, "optim.warmup_steps=2"])
+    cfg = validate.load(str(CONFIGS / "smoke.py"), [override, "optim.warmup_steps=2"])
     assert cfg.train.steps == steps
-    config.validate(cfg, 8)
+    validate.validate(cfg, 8)
 
 
 def test_budget_mistakes_are_one_sentence():
     with pytest.raises(ValueError, match="not both"):
-        config.load(str(CONFIGS / "smoke.py"), ["train.tokens_budget=1e4",
-                                                "train.flops_budget=1e10"])
+        validate.load(str(CONFIGS / "smoke.py"), ["train.tokens_budget=1e4",
+                                                  "train.flops_budget=1e10"])
     cfg = smoke.get_config()
     cfg.train.tokens_budget = 2560.0  # set without apply_budget: steps still 20
     with pytest.raises(ValueError, match="train.steps=20 disagrees with the budget, which "
                                          "gives 10 steps"):
-        config.validate(cfg, 8)
+        validate.validate(cfg, 8)
 
 
 @pytest.mark.parametrize("target", [3e5, 1e6, 5e6])

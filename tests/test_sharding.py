@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import smoke
-from lmjax import config, sharding, train
+from lmjax import sharding, train, validate
 
 
 def make_cfg(data, fsdp, tensor, rules="fsdp_tp"):
@@ -65,19 +65,19 @@ def test_mesh_fill_and_errors():
 def test_validate_names_the_cause():
     cfg = make_cfg(1, 1, 8)
     with pytest.raises(ValueError, match=r"model.num_heads=4 is not divisible by the tensor axis"):
-        config.validate(cfg, 8)
+        validate.validate(cfg, 8)
     cfg = make_cfg(2, 2, 2)
     cfg.model.num_kv_heads = 1
     with pytest.raises(ValueError, match=r"model.num_kv_heads=1 is not divisible"):
-        config.validate(cfg, 8)
+        validate.validate(cfg, 8)
     cfg = make_cfg(8, 1, 1)
     cfg.data.global_batch_size = 12
     with pytest.raises(ValueError, match="not divisible by the 8 data-parallel devices"):
-        config.validate(cfg, 8)
+        validate.validate(cfg, 8)
     cfg = make_cfg(1, 8, 1)
     cfg.model.d_model = 36
     with pytest.raises(ValueError, match=r"model.d_model=36 is not divisible by the fsdp axis"):
-        config.validate(cfg, 8)
+        validate.validate(cfg, 8)
 
 
 class FakeChip:

@@ -160,12 +160,12 @@ def test_corrupt_tokenizer(built, tmp_path):
 
 
 def test_seq_len_beyond_learned_positions():
-    from lmjax import config
+    from lmjax import validate
 
     cfg = base.get_config()
     cfg.model.position, cfg.data.seq_len = "learned", 512
     with pytest.raises(ValueError, match="data.seq_len=512 exceeds model.max_len=256"):
-        config.validate(cfg, 1)
+        validate.validate(cfg, 1)
 
 
 class Crash(Exception):

@@ -16,7 +16,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from lmjax import config, evaluate, train  # noqa: E402
+from lmjax import evaluate, train, validate  # noqa: E402
 
 CONTEXTS = (64, 128, 256)
 FINETUNES = ("none", "linear", "yarn")
@@ -31,9 +31,9 @@ def scaling_overrides(kind: str, factor: float) -> tuple[str, ...]:
 def main(root: str) -> dict:
     spec = os.path.join(HERE, "config.py")
     base = os.path.join(root, "base")
-    train.run(config.load(spec), base)
+    train.run(validate.load(spec), base)
     for kind in FINETUNES:
-        train.run(config.load(f"{spec}:{kind}", [f"train.init_from={base}"]),
+        train.run(validate.load(f"{spec}:{kind}", [f"train.init_from={base}"]),
                   os.path.join(root, f"finetune_{kind}"))
 
     def ppl(workdir, context, extra=(), stride=None):

@@ -6,7 +6,7 @@
     lmjax sweep --sweep=experiments/isoflop_cpu/sweep.py --root=workdirs/isoflop_cpu --parallel=1
     lmjax fit --root=workdirs/isoflop_cpu --out=experiments/isoflop_cpu/results
 
-Data: the ~55 MB offline English corpus (lmjax/data/corpora.py), read as local text. The glob
+Data: the ~55 MB offline English corpus (lmjax/corpora/english.py), read as local text. The glob
 takes train.txt then validation.txt, so the held-out 5% of documents (the tail) is drawn from
 validation.txt, whose documents the corpus chose by hash across every source.
 

@@ -30,8 +30,11 @@ import grain
 import ml_collections
 import numpy as np
 
+from lmjax import config
 from lmjax.data import mixture, sources
 from lmjax.data.tokenizer import Tokenizer, resolve_tokenizer
+
+SOURCES = ("text", "tfds", "synthetic")  # what data.source may be: build's three paths
 
 
 def positions(segment_ids_L: np.ndarray) -> np.ndarray:
@@ -142,6 +145,22 @@ class Data:
     tokenizer: Tokenizer | None  # None for the synthetic source
 
 
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """data.* as far as it can be checked without reading a file: the source, the lengths, the
+    strided-eval stride, a mixture's names and weights (its files are read by build)."""
+    d = cfg.data
+    config.check_choices(cfg, {"data.source": SOURCES})
+    config.check_at_least_one(cfg, ("data.seq_len", "data.global_batch_size"))
+    if not 0 <= d.eval_stride <= d.seq_len:
+        raise ValueError(f"data.eval_stride={d.eval_stride} must be between 1 and the context "
+                         f"data.seq_len={d.seq_len} (0: non-overlapping windows, = seq_len).")
+    if d.mixture:
+        if d.source != "text":
+            raise ValueError(f"data.mixture mixes local texts; it needs data.source='text', "
+                             f"not {d.source!r}.")
+        mixture.parse(d.mixture)
+
+
 def build(cfg: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1) -> Data:
     """Train iterator, eval batches and tokenizer of `cfg`, for process `process_index`."""
     d = cfg.data
@@ -153,7 +172,7 @@ def build(cfg: ml_collections.ConfigDict, process_index: int = 0, process_count:
     if not 0 <= d.eval_fraction < 1:
         raise ValueError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1).")
     per_process = d.global_batch_size // process_count
-    if d.source not in ("text", "tfds", "synthetic"):
+    if d.source not in SOURCES:
         raise ValueError(f"data.source={d.source!r} is unknown; use 'text', 'tfds' or 'synthetic'.")
     tokenizer = None
     if d.source != "synthetic":

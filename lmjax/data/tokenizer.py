@@ -56,21 +56,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.vocab_size()
 
-    @property
-    def pad_id(self) -> int:
-        return self._sp.pad_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
+    # the special pieces' ids (train_tokenizer fixes them at 0, 1, 2, 3)
+    pad_id = property(lambda self: self._sp.pad_id())
+    unk_id = property(lambda self: self._sp.unk_id())
+    bos_id = property(lambda self: self._sp.bos_id())
+    eos_id = property(lambda self: self._sp.eos_id())
 
 
 def train_tokenizer(

@@ -34,7 +34,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lmjax import checkpoint, optim
+from lmjax import checkpoint, inference, optim
 from lmjax import config as config_lib
 from lmjax import model as model_lib
 from lmjax.model import Transformer
@@ -382,5 +382,5 @@ def convert_from_hf(src: str, workdir: str) -> ml_collections.ConfigDict:
 
 
 def convert_to_hf(workdir: str, out: str, step: int | None = None) -> None:
-    model, cfg, tokenizer = checkpoint.load_for_inference(workdir, step)
+    model, cfg, tokenizer = inference.load(workdir, step)
     save_pretrained(model, cfg, out, tokenizer)

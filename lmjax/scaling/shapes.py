@@ -1,5 +1,5 @@
 """Model shapes for scaling studies: a shape for a target parameter count at a fixed aspect
-ratio, and the published shapes of well-known families to compare against.
+ratio, and GPT-3's published shapes to compare against.
 
 Kaplan et al. 2020 (fig. 5) found loss depends on N and only weakly on the shape at fixed N,
 within aspect ratios d_model / n_layers of about 20-200; holding the ratio fixed across a sweep
@@ -10,14 +10,8 @@ import ml_collections
 
 from lmjax import flops
 
-# (layers, d_model, heads, head_dim, mlp_dim): Pythia (Biderman et al. 2023, table 1).
-PYTHIA = {
-    "70m": (6, 512, 8, 64, 2048), "160m": (12, 768, 12, 64, 3072),
-    "410m": (24, 1024, 16, 64, 4096), "1b": (16, 2048, 8, 256, 8192),
-    "1.4b": (24, 2048, 16, 128, 8192), "2.8b": (32, 2560, 32, 80, 10240),
-    "6.9b": (32, 4096, 32, 128, 16384), "12b": (36, 5120, 40, 128, 20480),
-}
-# GPT-3 (Brown et al. 2020, table 2.1), the family Kaplan's laws were extrapolated to.
+# (layers, d_model, heads, head_dim, mlp_dim): GPT-3 (Brown et al. 2020, table 2.1), the family
+# Kaplan's laws were extrapolated to.
 GPT3 = {
     "small": (12, 768, 12, 64, 3072), "medium": (24, 1024, 16, 64, 4096),
     "large": (24, 1536, 16, 96, 6144), "xl": (24, 2048, 24, 128, 8192),

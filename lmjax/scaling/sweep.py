@@ -20,6 +20,7 @@ import sys
 import time
 
 from lmjax import config as config_lib
+from lmjax import validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ def load(path: str) -> list[Member]:
     members = []
     for name, overrides in named:
         try:
-            cfg = config_lib.load(path, [f"{k}={_text(v)}" for k, v in overrides.items()])
+            cfg = validate.load(path, [f"{k}={_text(v)}" for k, v in overrides.items()])
         except (KeyError, ValueError) as e:
             message = e.args[0] if e.args else e
             raise ValueError(f"Sweep member {name}: {message}") from None

@@ -275,7 +275,7 @@ def readme(manifest: dict) -> str:
         f"| {s['bytes'] / 1e6:.2f} | {s['licence']} |" for s in manifest["sources"])
     total = (manifest["train_bytes"] + manifest["validation_bytes"]) / 1e6
     return (
-        "# lmjax English corpus\n\nBuilt by `lmjax data corpus` (lmjax/data/corpora.py) from "
+        "# lmjax English corpus\n\nBuilt by `lmjax data corpus` (lmjax/corpora/english.py) from "
         "Debian packages (apt-get download, dpkg-deb -x) and the Shakespeare text shipped "
         "with lmjax.\nDocuments are separated by two blank lines. "
         f"{manifest['held_out_percent']}% of documents, chosen by a hash of their text, are "

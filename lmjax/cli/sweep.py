@@ -1,0 +1,32 @@
+"""`lmjax sweep --sweep=FILE --root=DIR`: train every member of FILE's get_sweep() in its own
+workdir under DIR; finished members are skipped and the rest resume."""
+
+import sys
+
+from absl import app, flags
+
+from lmjax.scaling import sweep
+
+flags.DEFINE_string("sweep", None, "a config file that also has get_sweep()")
+flags.DEFINE_string("root", None, "folder holding one workdir per sweep member")
+flags.DEFINE_enum("runner", "local", ["local", "tpu"], "where members train")
+flags.DEFINE_integer("parallel", 1, "members trained at once (local runner)")
+flags.DEFINE_bool("dry_run", False, "print the members' commands, run nothing")
+flags.DEFINE_string("tpu", "", "TPU VM name for --runner=tpu")
+FLAGS = flags.FLAGS
+
+
+def run(args: list[str], overrides: list[str]) -> None:
+    if not FLAGS.root or not FLAGS.sweep:
+        raise app.UsageError("sweep needs --root and --sweep=FILE.")
+    try:
+        if FLAGS.runner == "tpu":
+            status = sweep.run_tpu(FLAGS.sweep, FLAGS.root, FLAGS.tpu, FLAGS.dry_run)
+        else:
+            status = sweep.run_local(FLAGS.sweep, FLAGS.root, FLAGS.parallel, FLAGS.dry_run)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, exit status 1
+        sys.exit(f"lmjax sweep: {e.args[0] if e.args else 'interrupted.'}")
+    failed = sorted(name for name, s in status.items() if s == "failed")
+    if failed:
+        raise ValueError(f"{len(failed)} member(s) failed: {', '.join(failed)} (see their "
+                         "train.log); re-run the same command to retry them.")

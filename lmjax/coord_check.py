@@ -28,8 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lmjax import sharding, train, validate  # noqa: E402
 from lmjax.data import pipeline  # noqa: E402
-
-PARAMETRIZATIONS = ("sp", "mup")
+from lmjax.model import PARAMETRIZATIONS  # noqa: E402
 
 
 def width_config(cfg: ml_collections.ConfigDict, width: int,

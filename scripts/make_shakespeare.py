@@ -16,7 +16,6 @@ byte for byte.
 import argparse
 import hashlib
 import re
-import runpy
 import sys
 import tarfile
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing lmjax
 
+from lmjax import config  # noqa: E402
 from lmjax.data import sources  # noqa: E402
 from lmjax.data.tokenizer import TEXT_DIR, train_tokenizer  # noqa: E402
 
@@ -73,7 +73,7 @@ def main() -> None:
     docs = sources.split_documents(corpus.read_text(encoding="utf-8"))
     assert len(docs) == NUM_PLAYS, f"{corpus} splits into {len(docs)} documents"
 
-    base = runpy.run_path(str(ROOT / "configs" / "base.py"))["get_config"]()
+    base = config.load(config.BASE)
     eval_fraction = base.data.eval_fraction
     train_docs, eval_docs = sources.read_split([corpus], eval_fraction)
     with tempfile.TemporaryDirectory() as tmp:

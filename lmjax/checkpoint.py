@@ -16,8 +16,6 @@ again. Checkpoints are tensorstore arrays and JSON: loading one runs no code and
 import gc
 import json
 import logging
-import os
-import shutil
 import sys
 
 import grain
@@ -28,6 +26,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from lmjax import paths
+
 
 def manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
@@ -36,7 +36,7 @@ def manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManag
         create=True,
         cleanup_tmp_directories=True,  # unfinished writes of a killed run; never a whole step
     )
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    return ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints",  # gs:// to TensorStore
                                  options=options, item_names=("state", "data", "integrity"))
 
 
@@ -195,11 +195,13 @@ def _collect_quietly() -> None:
 def _set_aside(mngr: ocp.CheckpointManager, problems: dict[int, str]) -> None:
     """Move unusable steps out of the way (never delete them), so they can be written again."""
     if jax.process_index() == 0:
-        aside = os.path.join(os.path.dirname(str(mngr.directory)), "corrupt_checkpoints")
-        os.makedirs(aside, exist_ok=True)
+        directory = paths.resolve(str(mngr.directory))
+        aside = directory.parent / "corrupt_checkpoints"
+        aside.mkdir(parents=True, exist_ok=True)  # on gs:// no object: it exists once filled
         for step in problems:
-            target = os.path.join(aside, f"{step}.{len(os.listdir(aside))}")
-            shutil.move(os.path.join(str(mngr.directory), str(step)), target)
+            taken = len(list(aside.iterdir())) if aside.exists() else 0
+            target = aside / f"{step}.{taken}"
+            paths.move(directory / str(step), target)
             print(f"warning: moved checkpoint step {step} to {target}.")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -217,7 +219,7 @@ def restore_params(workdir: str, params: dict, step: int | None = None) -> dict:
     disk. Anything that keeps parameter shapes may differ from the source run (lengths, RoPE
     scaling, window, mesh); a shape that differs is named (ValueError) before any array is read.
     """
-    mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    mngr = ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints",
                                  options=ocp.CheckpointManagerOptions(create=False),
                                  item_names=("state",))
     step = mngr.latest_step() if step is None else step

@@ -14,6 +14,7 @@ import os
 import sys
 
 import ml_collections
+from etils import epath  # local paths and gs:// alike (lmjax/paths.py; config imports no lmjax)
 
 
 def configs_dir() -> str:
@@ -159,12 +160,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_conflicts(saved_path: str, cfg: ml_collections.ConfigDict) -> list[str]:
+def resume_conflicts(saved_path: str | os.PathLike, cfg: ml_collections.ConfigDict
+                     ) -> list[str]:
     """The keys (sorted) whose value differs between a workdir's config.json and `cfg`, leaving
     out those in RESUMABLE; a key present on one side only counts as differing."""
     try:
-        with open(saved_path) as f:
-            saved = _flat(json.load(f))
+        saved = _flat(json.loads(epath.Path(saved_path).read_text()))
     except json.JSONDecodeError:
         raise ValueError(f"{saved_path} is not valid JSON; it is not a workdir lmjax wrote "
                          f"(use another --workdir).") from None
@@ -181,29 +182,28 @@ def resumable(key: str) -> bool:
     return any(key.startswith(r) if r.endswith(".") else key == r for r in RESUMABLE)
 
 
-def save(cfg: ml_collections.ConfigDict, path: str) -> None:
-    with open(path, "w") as f:
-        f.write(cfg.to_json(indent=2, sort_keys=True) + "\n")
+def save(cfg: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
+    """Written whole in one call: on gs:// an object appears complete or not at all."""
+    epath.Path(path).write_text(cfg.to_json(indent=2, sort_keys=True) + "\n")
 
 
-def from_json(path: str) -> ml_collections.ConfigDict:
-    with open(path) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
+def from_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(json.loads(epath.Path(path).read_text()))
     cfg.lock()
     return cfg
 
 
-def from_workdir(workdir: str) -> ml_collections.ConfigDict:
+def from_workdir(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """A run's config.json (from_json) laid over configs/base.py, locked: keys lmjax gained
     after the run was written read their defaults, so eval, sample and convert keep reading
     old workdirs."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = epath.Path(workdir) / "config.json"
+    if not path.is_file():
         raise FileNotFoundError(f"{workdir} is not an lmjax workdir: it has no config.json.")
     return _over_defaults(path)
 
 
-def _over_defaults(path: str) -> ml_collections.ConfigDict:
+def _over_defaults(path: str | os.PathLike) -> ml_collections.ConfigDict:
     cfg, saved = load(BASE), from_json(path).to_dict()
     for group, keys in RETIRED.items():
         for key in keys:

@@ -22,7 +22,6 @@ same rows and takes its own part of each global batch.
 """
 
 import math
-import os
 
 import jax
 import ml_collections
@@ -33,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lmjax import config as config_lib
-from lmjax import inference, loss, sharding, validate
+from lmjax import inference, loss, paths, sharding, validate
 from lmjax.data import pipeline, sources
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.model import forward
@@ -267,7 +266,7 @@ def checkpoint_step(workdir: str, step: int | None) -> int:
     """The step `inference.load` reads: `step`, or the newest in workdir/checkpoints."""
     if step is not None:
         return step
-    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    names = [p.name for p in (paths.resolve(workdir) / "checkpoints").iterdir()]
     return max(int(n) for n in names if n.isdigit())
 
 

@@ -5,14 +5,12 @@ the tokenizer, which checkpoint.py (Orbax only) must not import. The weights com
 checkpoint.restore_params, the same partial restore as train.init_from.
 """
 
-import os
-
 import jax
 import ml_collections
 from flax import nnx
 from jax.sharding import AxisType
 
-from lmjax import checkpoint, sharding
+from lmjax import checkpoint, paths, sharding
 from lmjax import config as config_lib
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.model import Transformer
@@ -39,6 +37,6 @@ def load(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None =
                          state, shardings)
     nnx.replace_by_pure_dict(state, checkpoint.restore_params(
         workdir, nnx.to_pure_dict(state), step))
-    tokenizer_path = os.path.join(workdir, "tokenizer.model")
-    tokenizer = Tokenizer.load(tokenizer_path) if os.path.isfile(tokenizer_path) else None
+    tokenizer_path = paths.resolve(workdir) / "tokenizer.model"  # local or gs://
+    tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path.is_file() else None
     return nnx.merge(graphdef, state), cfg, tokenizer

@@ -5,15 +5,17 @@ honest datasheet figure, so its peak is measured: the rate of a jitted float32 m
 process.
 """
 
+import io
 import json
-import os
+import shutil
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import chips
+from lmjax import chips, paths
 
 
 def measured_matmul_flops(n: int = 1024, seconds: float = 0.5, min_repeats: int = 10) -> float:
@@ -53,38 +55,74 @@ class Writer:
 
     On resume, rows past the restored step are dropped: they came from steps that are about to
     be run again, and a step must never appear twice.
+
+    A bucket (gs://) has no append, and tensorboardX writes there only through TensorFlow. So on
+    a URL workdir the rows are kept in memory and metrics.jsonl is written again whole, and
+    TensorBoard's events go to a local temporary folder copied to WORKDIR/tensorboard: both in
+    `flush()`, at most every `upload_every` seconds from `write` (an object takes about one
+    write a second), before every checkpoint (train calls flush first, so a restored step never
+    misses its rows) and on close. A local workdir is appended to, row by row, as always.
     """
 
-    def __init__(self, workdir: str, resume_step: int = 0):
+    def __init__(self, workdir: str, resume_step: int = 0, upload_every: float = 30.0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f  # no newline: a row torn by a kill mid-write
-                        if line.endswith("\n") and json.loads(line)["step"] <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-        self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        root = paths.resolve(workdir)
+        self.path, self.remote = root / "metrics.jsonl", paths.is_url(root)
+        kept = []
+        if self.path.exists():
+            kept = [line for line in io.StringIO(self.path.read_text())  # no newline: a row
+                    if line.endswith("\n") and json.loads(line)["step"] <= resume_step]  # torn
+            if not self.remote:
+                self.path.write_text("".join(kept))
+        if self.remote:
+            self.rows, self.upload_every = kept, upload_every
+            self.tb_dir = tempfile.mkdtemp(prefix="lmjax-tensorboard-")
+            self.tb_remote = root / "tensorboard"
+            self.flush_files()
+        else:
+            self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+            self.tb_dir = str(root / "tensorboard")
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+        self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        if self.remote:
+            self.rows.append(json.dumps(row) + "\n")
+        else:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, step)
+        if self.remote and time.monotonic() - self.flushed >= self.upload_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every row written so far durable in the workdir (a local file already is)."""
+        if self.enabled and self.remote:
+            self.tb.flush()
+            self.flush_files()
+
+    def flush_files(self) -> None:
+        self.path.write_text("".join(self.rows))
+        paths.upload_tree(self.tb_dir, self.tb_remote)
+        self.flushed = time.monotonic()
 
     def close(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        self.tb.close()
+        if self.remote:
+            self.flush_files()
+            shutil.rmtree(self.tb_dir)
+        else:
             self.file.close()
-            self.tb.close()
 
 
 def _plain(value):

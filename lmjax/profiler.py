@@ -10,26 +10,34 @@ steps: they hold compilation and warm-up, which a trace of the steady state shou
 """
 
 import os
+import shutil
+import tempfile
 
 import jax
 import ml_collections
 
+from lmjax import paths
 from lmjax.data import sources
 
 
 class Window:
     """Call `before(step)` ahead of dispatching `step` and `after(step, outputs)` once it is
-    dispatched; the trace lands in `workdir/profile` (jax.profiler's TensorBoard layout)."""
+    dispatched; the trace lands in `workdir/profile` (jax.profiler's TensorBoard layout). On a
+    gs:// workdir it is written to a local temporary folder first and copied there on stop."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
         self.first = cfg.profile.start_step
         self.last = cfg.profile.start_step + cfg.profile.num_steps - 1
         self.enabled = cfg.profile.num_steps > 0 and jax.process_index() == 0
-        self.logdir = os.path.join(workdir, "profile")
+        self.target = paths.resolve(workdir) / "profile"
+        self.remote = paths.is_url(self.target)
+        self.logdir = str(self.target)
         self.active = False
 
     def before(self, step: int) -> None:
         if self.enabled and step == self.first:
+            if self.remote:
+                self.logdir = tempfile.mkdtemp(prefix="lmjax-profile-")
             jax.profiler.start_trace(self.logdir)
             self.active = True
 
@@ -43,6 +51,9 @@ class Window:
             jax.block_until_ready(outputs)
             jax.profiler.stop_trace()
             self.active = False
+            if self.remote:
+                paths.upload_tree(self.logdir, self.target)
+                shutil.rmtree(self.logdir)
 
 
 def compilation_cache_dir(cfg: ml_collections.ConfigDict) -> str:

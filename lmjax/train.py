@@ -13,7 +13,6 @@ import collections
 import copy
 import dataclasses
 import functools
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from lmjax import (
     metrics,
     mup,
     optim,
+    paths,
     profiler,
     sharding,
     validate,
@@ -190,7 +190,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
     mesh = sharding.make_mesh(cfg, devices)
     data = pipeline.build(cfg, jax.process_index(), jax.process_count())  # checks data, tokenizer
     _check_resumable(cfg, workdir, data.tokenizer, force_resume)
-    os.makedirs(workdir, exist_ok=True)
+    root = paths.resolve(workdir)  # gs://bucket/run as it is; a local folder made absolute
+    root.mkdir(parents=True, exist_ok=True)
 
     with (jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)),
           distributed.preemption_notice() as preempted):
@@ -205,10 +206,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
             state, data_state, start = restored
             data.train.set_state(data_state)
         if jax.process_index() == 0:  # only now: a failed restore leaves the workdir as it was
-            config_lib.save(cfg, os.path.join(workdir, "config.json"))
+            config_lib.save(cfg, root / "config.json")
             if data.tokenizer is not None:
-                with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
-                    f.write(data.tokenizer.serialized())
+                (root / "tokenizer.model").write_bytes(data.tokenizer.serialized())
         for problem in sharding.assert_sharded(state, cfg.mesh.rules):
             print(f"warning: {problem}")
         return _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted)
@@ -216,14 +216,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
 
 def _check_resumable(cfg, workdir: str, tokenizer, force: bool) -> None:
     """Refuse a workdir written with another config or tokenizer, naming what differs."""
-    differ = []
-    if os.path.exists(os.path.join(workdir, "config.json")):
-        differ = config_lib.resume_conflicts(os.path.join(workdir, "config.json"), cfg)
-    saved_tokenizer = os.path.join(workdir, "tokenizer.model")
-    if tokenizer is not None and os.path.exists(saved_tokenizer):
-        with open(saved_tokenizer, "rb") as f:
-            if f.read() != tokenizer.serialized():
-                differ.append("tokenizer model file")
+    differ, root = [], paths.resolve(workdir)
+    if (root / "config.json").exists():
+        differ = config_lib.resume_conflicts(root / "config.json", cfg)
+    saved_tokenizer = root / "tokenizer.model"
+    if tokenizer is not None and saved_tokenizer.exists():
+        if saved_tokenizer.read_bytes() != tokenizer.serialized():
+            differ.append("tokenizer model file")
     if differ and not force:
         raise ValueError(f"Workdir {workdir} holds a run with a different {', '.join(differ)}; "
                          f"use another --workdir, or --force_resume to continue it anyway.")
@@ -338,6 +337,7 @@ def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted) -> dict:
         return evaluate(fns.eval, state, data.eval_batches, mesh)
 
     def save(step, state):
+        log.writer.flush()  # on gs://: the rows up to `step` are in the workdir before its save
         checkpoint.save(ckpt, step, state, data.train.get_state())
 
     step_fn, eval_fn, save_fn = faults.inject(fns.step, evaluate_at, save, start)

@@ -8,7 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "lmjax"
 
 # lowest first; a module may import its own layer and the ones below
 LAYERS = [
-    ["config"],
+    ["config", "paths"],
     ["chips", "positions", "sharding", "attention", "loss", "optim", "mup", "rope_scaling",
      "backends", "data", "faults"],
     ["model"],

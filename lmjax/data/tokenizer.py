@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+from etils import epath
 
 TEXT_DIR = Path(__file__).parent / "text"  # shipped corpora and tokenizer models
 
@@ -27,7 +28,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         try:  # a protobuf parse: no code runs, whatever the file holds
-            return cls(Path(path).read_bytes())
+            return cls(epath.Path(path).read_bytes())  # a local file or gs://
         except RuntimeError:
             raise ValueError(f"{path} is not a SentencePiece model file.") from None
 

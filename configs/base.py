@@ -60,8 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
-    d.source = "text"  # 'text' (local UTF-8 files) | 'tfds' (a prepared TFDS dataset) | 'synthetic'
-    d.text = "shakespeare"  # name of a text shipped in lmjax/data/text, or a glob of local files
+    # 'text' (UTF-8 files, local or gs://) | 'tfds' (a prepared TFDS dataset) | 'synthetic'
+    d.source = "text"
+    d.text = "shakespeare"  # a text shipped in lmjax/data/text, or a glob or folder (or gs://)
     d.tokenizer = "shakespeare_bpe2048"  # shipped model name, or a path to a SentencePiece .model
     d.seq_len = 256  # L: tokens per training example (the model sees L inputs, predicts L targets)
     d.global_batch_size = 32  # B: sequences per optimizer step, over all hosts and devices
@@ -130,6 +131,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # persistent XLA compilation cache, so a rerun skips compiling: 'auto' = $LMJAX_CACHE/xla
     # (else ~/.cache/lmjax/xla) | a folder | '' = off
     t.compilation_cache_dir = "auto"
+    # seconds without a heartbeat after which another run may take this workdir (lmjax/lease.py)
+    t.lease_timeout = 300.0
 
     # ---------------------------------------------------------------- profile
     p = c.profile = ml_collections.ConfigDict()

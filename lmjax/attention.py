@@ -58,8 +58,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     (a window equal to it is allowed: it takes effect when evaluated at longer contexts)."""
     window, seq_len = cfg.model.attention_window, cfg.data.seq_len
     config.check_choices(cfg, {"model.attention": IMPLEMENTATIONS})
-    if window < 0:
-        raise ValueError(f"model.attention_window={window} must be >= 0 (0 = full attention).")
     if window > seq_len:
         raise ValueError(f"model.attention_window={window} is larger than the context "
                          f"data.seq_len={seq_len}, where it would change nothing; use a window "

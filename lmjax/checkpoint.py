@@ -13,7 +13,10 @@ than the one restored are moved to `corrupt_checkpoints/` so their step numbers 
 again. Checkpoints are tensorstore arrays and JSON: loading one runs no code and no pickle.
 """
 
+import contextlib
+import errno
 import gc
+import inspect
 import json
 import logging
 import sys
@@ -30,14 +33,80 @@ from lmjax import paths
 
 
 def manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    quiet_abandoned_io()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep,
         enable_async_checkpointing=cfg.async_save,
         create=True,
         cleanup_tmp_directories=True,  # unfinished writes of a killed run; never a whole step
     )
-    return ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints",  # gs:// to TensorStore
-                                 options=options, item_names=("state", "data", "integrity"))
+    return _Manager(paths.resolve(workdir) / "checkpoints",  # gs:// to TensorStore
+                    options=options, item_names=("state", "data", "integrity"))
+
+
+class DiskFull(OSError):
+    """A checkpoint could not be written for want of space; the steps before it are intact."""
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, telling a full disk in one sentence. Orbax itself logs the failed write
+    from each of its threads, traceback and all, then raises TensorStore's RESOURCE_EXHAUSTED
+    from whichever call next waits on the write: this save, the next one, or the final wait."""
+
+    _writing: int | None = None  # the step of the save in flight, if asynchronous
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        with _naming_a_full_disk(self, step):
+            saved = super().save(step, *args, **kwargs)
+        self._writing = step
+        return saved
+
+    def wait_until_finished(self) -> None:  # Orbax's save and close call it too
+        with _naming_a_full_disk(self, self._writing):
+            super().wait_until_finished()
+
+
+@contextlib.contextmanager
+def _naming_a_full_disk(mngr: ocp.CheckpointManager, step: int | None):
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+    else:
+        return
+    done = [int(p.name) for p in epath.Path(str(mngr.directory)).iterdir()
+            if p.name.isdigit() and int(p.name) != step and ocp.step.is_path_finalized(p)]
+    kept = (f"step {max(done)}, the newest complete checkpoint, is intact: free space and run "
+            f"the same command to resume from it" if done else
+            "no checkpoint was complete before it: free space and run the same command")
+    raise DiskFull(f"No space left to write checkpoint step {step} in {mngr.directory}; "
+                   f"{kept}.") from None
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT, as an OSError or in the text of TensorStore's error, or their cause."""
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+                text in str(e) for text in ("No space left on device", "Disk quota exceeded")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full_logs(record: logging.LogRecord) -> bool:
+    """Drop Orbax's own reports of a full disk (one per writing thread): DiskFull tells it."""
+    return not ("orbax" in record.pathname and record.exc_info
+                and _is_disk_full(record.exc_info[1]))
+
+
+def is_complete(workdir: str, step: int) -> bool:
+    """Step `step` of the workdir's checkpoints is written whole: on a disk Orbax renames a
+    step into place when done; on gs:// (no rename) it writes commit_success.txt into it last."""
+    path = paths.resolve(workdir) / "checkpoints" / str(step)
+    return path.is_dir() and ocp.step.is_path_finalized(path)
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
@@ -168,7 +237,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: nnx.State,
             print(f"warning: checkpoint step {candidate} in {mngr.directory} is unusable "
                   f"({problems[candidate]}); trying an older one.")
         if candidate in problems:
-            _collect_quietly()
+            gc.collect()  # the failed read's buffers, before the next step is read
             continue
         if problems:
             _set_aside(mngr, problems)
@@ -179,17 +248,44 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: nnx.State,
     return None
 
 
-def _collect_quietly() -> None:
-    """A failed read leaves Orbax's other read futures unretrieved; collect them now, so that
-    their 'exception never retrieved' reports do not bury the one warning that matters."""
-    asyncio_log, hook = logging.getLogger("asyncio"), sys.unraisablehook
-    level, sys.unraisablehook = asyncio_log.level, lambda unraisable: None
-    asyncio_log.setLevel(logging.CRITICAL)
-    try:
-        gc.collect()
-    finally:
-        asyncio_log.setLevel(level)
+# What asyncio logs of the reads or writes a failed step left behind (futures nobody awaited).
+ABANDONED = ("Task was destroyed but it is pending", "Future exception was never retrieved",
+             "Task exception was never retrieved")
+
+
+def quiet_abandoned_io() -> None:
+    """Keep the one sentence about a step that could not be read or written its only report.
+
+    A failed read or write ends Orbax's event loop while TensorStore still has other reads or
+    writes of the step in flight. Each of those that finishes later calls back into the closed
+    loop: an unraisable `RuntimeError: Event loop is closed` traceback apiece, from TensorStore's
+    threads (thousands for a large model), and asyncio logs the futures nobody awaited; the
+    coroutines of the abandoned writes fail to clean up when the interpreter exits. These
+    start before the failure reaches any except clause, so every manager installs these filters
+    (once per process) before its first read or write. They drop exactly those reports, and
+    Orbax's own logs of a full disk (DiskFull says it once); any other unraisable error or log
+    goes on as before.
+    """
+    if not getattr(sys.unraisablehook, "lmjax_quiet", False):
+        previous = sys.unraisablehook
+
+        def hook(report) -> None:
+            closed_loop = (isinstance(report.exc_value, RuntimeError)
+                           and str(report.exc_value) == "Event loop is closed")
+            orbax_write = (inspect.iscoroutine(report.object)
+                           and "orbax" in report.object.cr_code.co_filename)
+            if not (closed_loop or orbax_write):
+                previous(report)
+
+        hook.lmjax_quiet = True
         sys.unraisablehook = hook
+    for name, drop in (("asyncio", _abandoned_logs), ("absl", _disk_full_logs)):
+        if drop not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(drop)
+
+
+def _abandoned_logs(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(ABANDONED)
 
 
 def _set_aside(mngr: ocp.CheckpointManager, problems: dict[int, str]) -> None:
@@ -219,6 +315,7 @@ def restore_params(workdir: str, params: dict, step: int | None = None) -> dict:
     disk. Anything that keeps parameter shapes may differ from the source run (lengths, RoPE
     scaling, window, mesh); a shape that differs is named (ValueError) before any array is read.
     """
+    quiet_abandoned_io()
     mngr = ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints",
                                  options=ocp.CheckpointManagerOptions(create=False),
                                  item_names=("state",))

@@ -8,10 +8,10 @@ lmjax/validate.py runs them all, with the token and FLOP budgets, before anythin
 
 import ast
 import difflib
-import importlib.util
 import json
 import os
 import sys
+import types
 
 import ml_collections
 from etils import epath  # local paths and gs:// alike (lmjax/paths.py; config imports no lmjax)
@@ -29,25 +29,31 @@ BASE = os.path.join(configs_dir(), "base.py")  # every default, whichever folder
 
 
 def find(path: str) -> str:
-    """A config file: `path` itself if it exists, else for `configs/x.py` the shipped copy (a
-    user outside a checkout types the README's commands too)."""
-    if os.path.isfile(path):
+    """A config file: `path` itself (local or gs://...) if it is a file, else for
+    `configs/x.py` the shipped copy (a user outside a checkout types the README's commands
+    too)."""
+    if epath.Path(path).is_file():
         return path
     folder, _, rest = os.path.normpath(path).partition(os.sep)
     if folder == "configs" and os.path.isfile(os.path.join(configs_dir(), rest)):
         return os.path.join(configs_dir(), rest)
+    if epath.Path(path).is_dir():
+        raise ValueError(f"Config {path!r} is a folder; name a config file in it "
+                         "(--config=FOLDER/x.py[:arg]).")
     raise FileNotFoundError(f"Config file {path!r} does not exist.")
 
 
 def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-    """`spec` is `path/to/file.py`, `path/to/file.py:arg` or a run's `config.json`; overrides
-    are `a.b=value` strings. Budgets are not applied here: validate.load does that."""
-    path, _, arg = spec.partition(":")
-    path = find(path)
+    """`spec` is `path/to/file.py`, `path/to/file.py:arg` or a run's `config.json`, local or
+    gs://...; overrides are `a.b=value` strings. Budgets are not applied here: validate.load
+    does that."""
+    scheme = spec[:spec.index("://") + 3] if "://" in spec else ""  # gs:// holds a ':' too
+    path, _, arg = spec[len(scheme):].partition(":")
+    path = find(scheme + path)
     if path.endswith(".json"):  # a workdir's config.json: finetune a converted or finished run
         cfg = _over_defaults(path)
     else:
-        cfg = import_file(path).get_config(arg) if arg else import_file(path).get_config()
+        cfg = _from_file(path, arg)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -57,16 +63,37 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
     return cfg
 
 
+def _from_file(path: str, arg: str) -> ml_collections.ConfigDict:
+    """get_config(arg) of a config file, or one sentence saying why the file cannot give one."""
+    try:
+        module = import_file(path)
+    except SyntaxError as e:
+        raise ValueError(f"Config file {path!r} has a syntax error on line {e.lineno}: "
+                         f"{e.msg}.") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ValueError(f"Config file {path!r} defines no get_config(arg=None) function.")
+    cfg = get_config(arg) if arg else get_config()
+    if isinstance(cfg, dict):
+        cfg = ml_collections.ConfigDict(cfg)
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ValueError(f"get_config() of config file {path!r} returned a "
+                         f"{type(cfg).__name__}, not a ConfigDict or dict.")
+    return cfg
+
+
 def import_file(path: str):
-    """A config file as a module (its get_config, a sweep's get_sweep), run with the folder that
-    holds configs/ on sys.path so that `from configs import base` works."""
+    """A config file (local or gs://...) as a module (its get_config, a sweep's get_sweep), run
+    with the folder that holds configs/ on sys.path so that `from configs import base` works.
+    The source is read through epath and compiled under its own name, so a file in a bucket
+    runs as a local one does and a syntax error names the file it is in."""
+    code = compile(epath.Path(path).read_bytes(), path, "exec", dont_inherit=True)
+    module = types.ModuleType(f"lmjax_config_{os.path.basename(path)[:-3]}")
+    module.__file__ = path
     root = _root(path)
     sys.path.insert(0, root)
     try:
-        module_spec = importlib.util.spec_from_file_location(
-            f"lmjax_config_{os.path.basename(path)[:-3]}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        exec(code, module.__dict__)
     finally:
         sys.path.remove(root)
     return module
@@ -74,8 +101,10 @@ def import_file(path: str):
 
 def _root(path: str) -> str:
     """The nearest folder above `path` that holds configs/, so that configs/x.py and
-    experiments/<study>/sweep.py alike can `from configs import base`; else the shipped
-    configs/'s folder, for a file of the user's own anywhere."""
+    experiments/<study>/sweep.py alike can `from configs import base`; else (a file of the
+    user's own anywhere, or in a bucket) the shipped configs/'s folder."""
+    if "://" in path:
+        return os.path.dirname(configs_dir())
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.isdir(os.path.join(folder, "configs")):
         if os.path.dirname(folder) == folder:
@@ -127,14 +156,6 @@ def check_choices(cfg: ml_collections.ConfigDict, choices: dict[str, tuple]) -> 
             raise ValueError(f"{key}={cfg[group][name]!r} is not one of {allowed}.")
 
 
-def check_at_least_one(cfg: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
-    """Raise ValueError naming the first `a.b` key (sizes, lengths, cadences) below 1."""
-    for key in keys:
-        group, name = key.split(".")
-        if cfg[group][name] < 1:
-            raise ValueError(f"{key}={cfg[group][name]} must be at least 1.")
-
-
 # Keys older workdirs hold that no longer change anything: read and dropped.
 RETIRED = {"model": ("weight_grad",)}  # a CPU matmul layout, now lmjax/backends/cpu.py's choice
 
@@ -146,8 +167,9 @@ RESUMABLE = ("train.steps", "train.tokens_budget", "train.flops_budget", "train.
              "train.eval_every", "train.eval_batches", "train.grad_accum", "train.on_nonfinite",
              "train.spike_factor", "train.init_from", "checkpoint.",
              "mesh.", "model.attention", "model.remat", "profile.",
-             "train.compilation_cache_dir", "data.read_threads", "data.prefetch",
-             "data.worker_count")
+             "train.compilation_cache_dir", "train.lease_timeout", "train.loggers",
+             "train.wandb_project", "train.wandb_entity", "data.read_threads",
+             "data.prefetch", "data.worker_count")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -188,7 +210,17 @@ def save(cfg: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
 
 
 def from_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(json.loads(epath.Path(path).read_text()))
+    """A saved config, locked; one sentence naming the file if it is not one (a run killed
+    mid-write on a disk without atomic writes, or a file of something else)."""
+    try:
+        tree = json.loads(epath.Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it is truncated or was not written "
+                         "by lmjax.") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path} holds a JSON {type(tree).__name__}, not the object of a "
+                         "config lmjax wrote.")
+    cfg = ml_collections.ConfigDict(tree)
     cfg.lock()
     return cfg
 

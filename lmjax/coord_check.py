@@ -13,8 +13,8 @@ rate is constant (no warmup) so a few steps move the weights. Measured on one fi
 """
 
 import copy
+import io
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from flax import nnx
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lmjax import sharding, train, validate  # noqa: E402
+from lmjax import paths, sharding, train, validate  # noqa: E402
 from lmjax.data import pipeline  # noqa: E402
 from lmjax.model import PARAMETRIZATIONS  # noqa: E402
 
@@ -88,9 +88,11 @@ def measure(cfg: ml_collections.ConfigDict, batches: list[dict], device) -> list
     return [{k: float(v) for k, v in row.items()} for row in rows]
 
 
-def run(cfg: ml_collections.ConfigDict, widths: list[int], steps: int, out: str) -> dict:
+def run(cfg: ml_collections.ConfigDict, widths: list[int], steps: int,
+        out: paths.PathLike) -> dict:
     """Measure every width under SP and μP; write coord_check.json and one PNG per
-    parametrization into `out`; return {parametrization: {width: [row per step]}}."""
+    parametrization into `out` (a folder or gs:// URL); return {parametrization: {width: [row
+    per step]}}."""
     cfg = copy.deepcopy(cfg)
     with cfg.unlocked():
         cfg.train.update(steps=steps)
@@ -99,12 +101,11 @@ def run(cfg: ml_collections.ConfigDict, widths: list[int], steps: int, out: str)
     device = jax.devices()[0]
     results = {p: {w: measure(width_config(cfg, w, p), batches, device) for w in widths}
                for p in PARAMETRIZATIONS}
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "coord_check.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    out = paths.resolve(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "coord_check.json").write_text(json.dumps(results, indent=1))
     for p in PARAMETRIZATIONS:
-        plot(results[p], f"{p}: mean |activation| vs width",
-             os.path.join(out, f"coord_check_{p}.png"))
+        plot(results[p], f"{p}: mean |activation| vs width", out / f"coord_check_{p}.png")
     return results
 
 
@@ -115,7 +116,7 @@ def slope(results: dict, name: str, step: int) -> float:
     return float(np.polyfit(np.log(widths), np.log(values), 1)[0])
 
 
-def plot(results: dict, title: str, path: str) -> None:
+def plot(results: dict, title: str, path: paths.PathLike) -> None:
     """One panel per activation: a line per step, x = width (log2), y = mean |x| (log)."""
     widths = sorted(results)
     names = list(results[widths[0]][0])
@@ -137,8 +138,10 @@ def plot(results: dict, title: str, path: str) -> None:
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()  # matplotlib writes local files only; gs:// takes whole objects
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    paths.resolve(path).write_bytes(png.getvalue())
 
 
 def report(results: dict, steps: int) -> str:

@@ -28,7 +28,10 @@ import sys
 import threading
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
+
+from lmjax import lease
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -121,18 +124,87 @@ def _sync_point(step: int) -> bool:
 def preemption_notice():
     """Yield `preempted(step) -> bool`, to be asked once a step.
 
-    One process: SIGTERM sets a flag. Several: JAX's preemption sync point (its coordination
-    service hears SIGTERM and, on Cloud TPU, maintenance notices), which tells every host the
-    same step to stop at, so all of them take part in the same save.
+    One process: SIGTERM sets a flag, and so does a first SIGINT (Ctrl-C): the loop saves the
+    step in flight and stops, and on leaving this context the interrupt is raised
+    (KeyboardInterrupt: the CLI exits 130, as a shell does). The first Ctrl-C also hands SIGINT
+    back to the operating system, so a second one ends the process at once, mid-save or not:
+    the step before is intact, and an unfinished write is removed on the next start.
+    Several processes: JAX's preemption sync point (its coordination service hears SIGTERM and,
+    on Cloud TPU, maintenance notices), which tells every host the same step to stop at, so all
+    of them take part in the same save; Ctrl-C there stops at once, as Python's default.
     """
     if jax.process_count() > 1:
         yield _sync_point
     elif threading.current_thread() is not threading.main_thread():  # signals need the main one
         yield lambda step: False
     else:
-        notice = threading.Event()
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: notice.set())
+        notice, interrupted = threading.Event(), threading.Event()
+
+        def interrupt(signum, frame) -> None:
+            notice.set()
+            interrupted.set()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            with contextlib.suppress(OSError):  # a raw write: no buffer to re-enter
+                os.write(2, b"\nInterrupted: saving at the end of this step (Ctrl-C again to "
+                         b"quit at once, without saving).\n")
+
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: notice.set()),
+                    signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
         try:
             yield lambda step: notice.is_set()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+
+
+class _NoLease:
+    """What processes other than 0 hold: process 0 alone keeps (and checks) the lease."""
+
+    lost = ""
+
+    def check(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def workdir_lease(workdir: str, timeout: float):
+    """Hold the workdir's lease (lmjax/lease.py) for the run, on behalf of every process.
+
+    Process 0 takes it and tells the others its number and run id; each reads that record back
+    from the workdir. A process that cannot is looking at another folder (a local path on a pod
+    whose hosts share no disk), so the run is refused, by every process, before any step.
+    """
+    held, refused = None, ""
+    if jax.process_index() == 0:
+        try:
+            held = lease.acquire(workdir, timeout, jax.process_count())
+        except lease.Busy as e:
+            refused = str(e)
+    try:
+        if jax.process_count() > 1:
+            _check_shared(workdir, held, refused)
+        if refused:
+            raise lease.Busy(refused)
+        yield held or _NoLease()
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _check_shared(workdir: str, held: lease.Lease | None, refused: str) -> None:
+    """Every process reads process 0's lease record from the workdir, or all refuse."""
+    mine = np.array([held.number, held.run_id] if held else [-1, 0], np.int32)
+    number, run_id = (int(x) for x in multihost_utils.broadcast_one_to_all(mine))
+    if number < 0:
+        raise lease.Busy(refused or f"Process 0 could not take the lease of workdir {workdir}; "
+                                    f"its log says why.")
+    sees = lease.holds(workdir, number, run_id) if held is None else True
+    seen = multihost_utils.process_allgather(np.array(sees))
+    blind = [i for i, ok in enumerate(np.ravel(seen)) if not ok]
+    if blind:
+        raise ValueError(f"Workdir {workdir} is not one folder shared by all "
+                         f"{jax.process_count()} processes: process(es) {blind} cannot read "
+                         f"the lease process 0 wrote there (a local path on hosts that share "
+                         f"no disk?); use a gs:// workdir.")

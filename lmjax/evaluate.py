@@ -180,9 +180,10 @@ def evaluate(workdir: str, *, split: str = "eval", text: str | None = None,
              step: int | None = None, batches: int = 0, overrides: tuple[str, ...] = (),
              devices=None, stride: int | None = None) -> dict:
     """Figures of the run in `workdir` (latest or given step) on `split` of its data, or on all
-    of `text` (a shipped name or a glob); at most `batches` global batches (0: every row).
-    `overrides` ('data.x=y', 'mesh.x=y', MODEL_OVERRIDES) change what is read, how it is laid
-    out and how positions are encoded; `stride` (1..data.seq_len) slides the windows."""
+    of `text` (a shipped name, a glob or a folder, local or gs://); at most `batches` global
+    batches (0: every row). `overrides` ('data.x=y', 'mesh.x=y', MODEL_OVERRIDES) change what
+    is read, how it is laid out and how positions are encoded; `stride` (1..data.seq_len)
+    slides the windows."""
     if split not in SPLITS:
         raise ValueError(f"--split={split!r} is not one of {SPLITS}.")
     if stride is not None and stride < 1:

@@ -2,6 +2,7 @@
 
   step:N   SIGKILL once step N is dispatched (an OOM killer, a lost VM: no cleanup, no flush)
   term:N   SIGTERM once step N is dispatched (a preemption notice, delivered as by a VM)
+  int:N    SIGINT once step N is dispatched (Ctrl-C at the terminal)
   nan:N    step N trains on a batch whose loss is NaN
   eval:N   SIGKILL as the evaluation after step N starts
   save:N   SIGKILL once the save of step N is handed to Orbax (mid-write when it is async)
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 
 FAULT_ENV = "LMJAX_FAULT"
+SIGNALS = {"step": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}  # after step N
 
 Step = Callable[[object, dict], tuple[object, dict]]
 Evaluate = Callable[[object, int], dict]
@@ -50,8 +52,8 @@ def inject(step_fn: Step, eval_fn: Evaluate, save_fn: Save,
         if (phase, done) == ("nan", at):
             batch = {**batch, "weights": batch["weights"] * jnp.nan}
         out = step_fn(state, batch)
-        if (phase, done) in (("step", at), ("term", at)):
-            _signal(signal.SIGKILL if phase == "step" else signal.SIGTERM)
+        if done == at and phase in SIGNALS:
+            _signal(SIGNALS[phase])
         return out
 
     def evaluate(state, step_done):

@@ -37,6 +37,8 @@ fitted law can be compared with the paper that used it:
               logit terms (tests/test_flops_conventions.py): the table left those out.
 """
 
+import functools
+import json
 import math
 
 import jax
@@ -49,7 +51,15 @@ from lmjax.model import Transformer
 
 def count_params(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
     """{'total', 'embedding', 'non_embedding'} from the abstract model: exact, and free to compute
-    (`lmjax info` works for a 7B config on a laptop)."""
+    (`lmjax info` works for a 7B config on a laptop). Remembered per model config: a sweep's
+    runs share a few shapes, and tracing the model takes a good part of a second."""
+    return dict(_count_params(model_cfg.to_json(sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=256)
+def _count_params(model_json: str) -> dict[str, int]:
+    model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+    model_cfg.scan_layers = True  # the same parameters, stacked: one layer traced, not all
     model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
 
     def size(module: nnx.Module) -> int:
@@ -92,7 +102,7 @@ def chinchilla_terms(model_cfg: ml_collections.ConfigDict, seq_len: int) -> dict
                            + 3 * m.num_heads * seq_len  # softmax
                            + 2 * seq_len * d_attn  # softmax @ V
                            + 2 * d_attn * m.d_model)  # output projection
-    mlp_matrices = 3 if m.mlp == "swiglu" else 2
+    mlp_matrices = 3 if m.mlp in ("swiglu", "geglu") else 2
     return {"embeddings": float(2 * m.vocab_size * m.d_model),
             "attention": float(m.num_layers * per_layer_attention),
             "dense": float(m.num_layers * 2 * mlp_matrices * m.d_model * m.mlp_dim),

@@ -5,8 +5,10 @@ honest datasheet figure, so its peak is measured: the rate of a jitted float32 m
 process.
 """
 
+import errno
 import io
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -61,7 +63,11 @@ class Writer:
     TensorBoard's events go to a local temporary folder copied to WORKDIR/tensorboard: both in
     `flush()`, at most every `upload_every` seconds from `write` (an object takes about one
     write a second), before every checkpoint (train calls flush first, so a restored step never
-    misses its rows) and on close. A local workdir is appended to, row by row, as always.
+    misses its rows) and on close. A local workdir is appended to row by row, each row whole
+    or not at all (one write of the whole line; one that a full disk cuts short is undone), and
+    made durable (fsync) by `flush()`, before every checkpoint: so a row torn by a crash (the
+    machine's, mid-write) can only be the last, past the newest checkpoint. On resume it is
+    dropped with a warning, and its step is logged again.
     """
 
     def __init__(self, workdir: str, resume_step: int = 0, upload_every: float = 30.0):
@@ -72,17 +78,18 @@ class Writer:
         self.path, self.remote = root / "metrics.jsonl", paths.is_url(root)
         kept = []
         if self.path.exists():
-            kept = [line for line in io.StringIO(self.path.read_text())  # no newline: a row
-                    if line.endswith("\n") and json.loads(line)["step"] <= resume_step]  # torn
-            if not self.remote:
-                self.path.write_text("".join(kept))
+            kept = _rows_until(self.path, resume_step)
+            if not self.remote:  # written aside, then renamed over: a crash keeps one whole
+                aside = self.path.parent / f".{self.path.name}.tmp"
+                aside.write_text("".join(kept))
+                aside.replace(self.path)
         if self.remote:
             self.rows, self.upload_every = kept, upload_every
             self.tb_dir = tempfile.mkdtemp(prefix="lmjax-tensorboard-")
             self.tb_remote = root / "tensorboard"
             self.flush_files()
         else:
-            self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+            self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
             self.tb_dir = str(root / "tensorboard")
         from tensorboardX import SummaryWriter
 
@@ -95,34 +102,70 @@ class Writer:
         if self.remote:
             self.rows.append(json.dumps(row) + "\n")
         else:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            self._append((json.dumps(row) + "\n").encode())
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, step)
         if self.remote and time.monotonic() - self.flushed >= self.upload_every:
             self.flush()
 
+    def _append(self, line: bytes) -> None:
+        """One row in one write, whole or not at all: a write a full disk cut short is undone."""
+        start = os.lseek(self.file.fileno(), 0, os.SEEK_END)
+        try:
+            if self.file.write(line) < len(line):  # a full disk takes what fits, then refuses
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            os.ftruncate(self.file.fileno(), start)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+
     def flush(self) -> None:
-        """Make every row written so far durable in the workdir (a local file already is)."""
-        if self.enabled and self.remote:
+        """Make every row written so far durable in the workdir: train calls this before every
+        checkpoint, so no checkpoint is ever newer than the rows on disk."""
+        if not self.enabled:
+            return
+        if self.remote:
             self.tb.flush()
             self.flush_files()
+        else:
+            os.fsync(self.file.fileno())
 
     def flush_files(self) -> None:
         self.path.write_text("".join(self.rows))
         paths.upload_tree(self.tb_dir, self.tb_remote)
         self.flushed = time.monotonic()
 
-    def close(self) -> None:
+    def close(self, keep: bool = True) -> None:
+        """`keep=False`: write nothing more to the workdir (it is another run's now)."""
         if not self.enabled:
             return
         self.tb.close()
         if self.remote:
-            self.flush_files()
+            if keep:
+                self.flush_files()
             shutil.rmtree(self.tb_dir)
         else:
             self.file.close()
+
+
+def _rows_until(path, resume_step: int) -> list[str]:
+    """metrics.jsonl's rows up to `resume_step`, as lines. A row a crash cut short (no newline,
+    or not JSON: a disk that lost the end of a write) cannot be completed; it is dropped with a
+    one-line warning. Rows past `resume_step` are dropped silently: their steps run again."""
+    kept, torn = [], []
+    for number, line in enumerate(io.StringIO(path.read_bytes().decode(errors="replace")), 1):
+        try:
+            row = json.loads(line) if line.endswith("\n") else None
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            torn.append(number)
+        elif row["step"] <= resume_step:
+            kept.append(line)
+    if torn:
+        print(f"warning: dropped line {', '.join(map(str, torn))} of {path}: a row cut short "
+              f"by a crash mid-write; its step is logged again.")
+    return kept
 
 
 def _plain(value):

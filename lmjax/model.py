@@ -360,9 +360,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             jnp.dtype(m[key])
         except TypeError:
             raise ValueError(f"model.{key}={m[key]!r} is not a dtype.") from None
-    config.check_at_least_one(cfg, tuple(f"model.{k}" for k in (
-        "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-        "mup_base_width", "mup_base_head_dim")))
     if m.num_heads % m.num_kv_heads:
         raise ValueError(f"model.num_heads={m.num_heads} is not divisible by "
                          f"model.num_kv_heads={m.num_kv_heads}.")
@@ -370,7 +367,5 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.head_dim={m.head_dim} must be even for rotary positions.")
     if m.position in ("learned", "sinusoidal") and cfg.data.seq_len > m.max_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}.")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ValueError(f"model.dropout={m.dropout} must be in [0, 1).")
     attention.validate(cfg)
     rope_scaling.validate(cfg)

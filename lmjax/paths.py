@@ -8,8 +8,10 @@ write local files (tensorboardX without TensorFlow, the JAX profiler). An object
 append and no cheap rename of a folder, so the helpers below write whole objects.
 """
 
+import glob as stdlib_glob
 import os
 import pathlib
+import secrets
 
 from etils import epath
 
@@ -50,3 +52,58 @@ def move(source: epath.Path, target: epath.Path) -> None:
     fs, source_path = fsspec.core.url_to_fs(os.fspath(source))
     fs.copy(source_path, fs._strip_protocol(os.fspath(target)), recursive=True)
     fs.rm(source_path, recursive=True)
+
+
+def create_new(path: epath.Path, data: bytes) -> bool:
+    """Write `path` whole if no file is there yet; False if one is. Atomic on both kinds of
+    store, content included (a reader never sees it empty): a temporary file hard-linked into
+    place on a disk (link refuses an existing name), `ifGenerationMatch=0` on a bucket."""
+    if is_url(path):
+        import fsspec
+
+        fs, key = fsspec.core.url_to_fs(os.fspath(path))
+        try:
+            fs.pipe_file(key, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    temporary.write_bytes(data)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    finally:
+        temporary.unlink()
+    return True
+
+
+def glob(pattern: PathLike) -> list[epath.Path]:
+    """The files (not folders) matching `pattern`, sorted; `**` spans any depth of folders on a
+    disk and in a bucket alike (epath's own glob refuses `**` on gs://). A local pattern has `~`
+    expanded."""
+    pattern = os.fspath(pattern)
+    if not is_url(pattern):
+        found = stdlib_glob.glob(os.path.expanduser(pattern), recursive=True)
+        return sorted(epath.Path(p) for p in found if os.path.isfile(p))
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(pattern)
+    found = fs.glob(key, detail=True)  # one listing per folder, with each entry's type
+    return sorted(epath.Path(fs.unstrip_protocol(name)) for name, info in found.items()
+                  if info["type"] == "file")
+
+
+def check_folder(path: PathLike, what: str) -> None:
+    """Raise one sentence if the local folder `path` cannot be made because it, or a folder
+    above it, is a file: mkdir would fail deep inside whichever library writes there first. A
+    bucket has no such files standing in for folders."""
+    if is_url(path):
+        return
+    path = resolve(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"lies inside {folder}, which is a file"
+                raise NotADirectoryError(f"{what} {path} {where}, not a folder.")
+            return

@@ -9,7 +9,6 @@ on the device, so asynchronous dispatch cannot cut a step in half. Start after t
 steps: they hold compilation and warm-up, which a trace of the steady state should not.
 """
 
-import os
 import shutil
 import tempfile
 
@@ -57,11 +56,12 @@ class Window:
 
 
 def compilation_cache_dir(cfg: ml_collections.ConfigDict) -> str:
-    """Where train.compilation_cache_dir points: 'auto' is beside the tokenized-data cache."""
+    """Where train.compilation_cache_dir points: 'auto' is beside the tokenized-data cache; a
+    gs:// folder is kept as it is (JAX reads and writes its cache through epath)."""
     folder = cfg.train.compilation_cache_dir
     if folder == "auto":
         return str(sources.cache_dir() / "xla")
-    return os.path.expanduser(folder)
+    return str(paths.resolve(folder)) if folder else ""
 
 
 def use_compilation_cache(cfg: ml_collections.ConfigDict) -> None:
@@ -73,7 +73,7 @@ def use_compilation_cache(cfg: ml_collections.ConfigDict) -> None:
     folder = compilation_cache_dir(cfg)
     if not folder:
         return
-    os.makedirs(folder, exist_ok=True)
+    paths.resolve(folder).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -35,9 +35,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if m.position != "rope":
         raise ValueError(f"model.rope_scaling={m.rope_scaling!r} needs model.position='rope', "
                          f"not {m.position!r}.")
-    if m.rope_scaling_factor < 1.0:
-        raise ValueError(f"model.rope_scaling_factor={m.rope_scaling_factor} must be >= 1 (the "
-                         "new context over the trained one).")
     if m.rope_scaling == "yarn" and m.rope_original_max_len < 1:
         raise ValueError("model.rope_scaling='yarn' needs model.rope_original_max_len, the "
                          "context the model was trained at.")

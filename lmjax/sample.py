@@ -127,19 +127,9 @@ class Generator:
                  ) -> list[list[int]]:
         """Continue each prompt (token ids, at least one each); returns the new ids of each,
         cut after its first stop id."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("Every prompt needs at least one token (e.g. the EOS that starts a "
-                             "document).")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError(f"Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; "
-                             f"got temperature={temperature}, top_k={top_k}, top_p={top_p}.")
-        longest = max(len(p) for p in prompts)
-        if self.cfg.position == "learned" and longest + max_new_tokens > self.cfg.max_len:
-            raise ValueError(f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
-                             f"exceeds the model's {self.cfg.max_len} learned positions.")
-        P = bucket(longest)
+        self.check(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p)
+        P = bucket(max(len(p) for p in prompts))
         prompt_BP = np.full((len(prompts), P), pad_id, np.int32)
         for row, ids in zip(prompt_BP, prompts, strict=True):
             row[P - len(ids):] = ids
@@ -153,6 +143,23 @@ class Generator:
             stops = [i for i, t in enumerate(row) if t in stop_ids]
             result.append(row[: stops[0] + 1] if stops else row)
         return result
+
+    def check(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
+        """The request's one-sentence ValueError, if any, raised before anything is printed
+        or compiled."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("Every prompt needs at least one token (e.g. the EOS that starts a "
+                             "document).")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; "
+                             f"got temperature={temperature}, top_k={top_k}, top_p={top_p}.")
+        longest = max(len(p) for p in prompts)
+        if self.cfg.position == "learned" and longest + max_new_tokens > self.cfg.max_len:
+            raise ValueError(f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
+                             f"exceeds the model's {self.cfg.max_len} learned positions.")
 
 
 def main(workdir: str, prompts: Sequence[str], *, step: int | None = None,
@@ -181,6 +188,8 @@ def main(workdir: str, prompts: Sequence[str], *, step: int | None = None,
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, seed=seed)
     generator = Generator(model)
+    generator.check(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p)  # its error alone, not after the echoed prompt
     if len(prompts) == 1:
         out.write(prompts[0])
         new = generator(ids, on_token=show, **settings)

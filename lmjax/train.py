@@ -13,6 +13,7 @@ import collections
 import copy
 import dataclasses
 import functools
+import json
 import time
 import warnings
 from collections.abc import Callable
@@ -186,15 +187,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
     """
     devices = jax.devices() if devices is None else devices
     validate.validate(cfg, len(devices))
+    paths.check_folder(workdir, "Workdir")
     profiler.use_compilation_cache(cfg)
     mesh = sharding.make_mesh(cfg, devices)
     data = pipeline.build(cfg, jax.process_index(), jax.process_count())  # checks data, tokenizer
-    _check_resumable(cfg, workdir, data.tokenizer, force_resume)
     root = paths.resolve(workdir)  # gs://bucket/run as it is; a local folder made absolute
-    root.mkdir(parents=True, exist_ok=True)
-
-    with (jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)),
+    # the lease before anything is read or written: one run per workdir
+    with (distributed.workdir_lease(workdir, cfg.train.lease_timeout) as held,
+          jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)),
           distributed.preemption_notice() as preempted):
+        _check_resumable(cfg, workdir, data.tokenizer, force_resume)
         fns = compile_fns(cfg, mesh)
         ckpt = checkpoint.manager(workdir, cfg.checkpoint)
         restored = checkpoint.restore(ckpt, fns.abstract_state)
@@ -211,23 +213,45 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
                 (root / "tokenizer.model").write_bytes(data.tokenizer.serialized())
         for problem in sharding.assert_sharded(state, cfg.mesh.rules):
             print(f"warning: {problem}")
-        return _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted)
+        return _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted, held)
 
 
 def _check_resumable(cfg, workdir: str, tokenizer, force: bool) -> None:
     """Refuse a workdir written with another config or tokenizer, naming what differs."""
     differ, root = [], paths.resolve(workdir)
     if (root / "config.json").exists():
+        if not _is_run_config(root / "config.json"):
+            raise ValueError(f"Workdir {workdir} holds a config.json that lmjax did not write; "
+                             f"use another --workdir.")
         differ = config_lib.resume_conflicts(root / "config.json", cfg)
     saved_tokenizer = root / "tokenizer.model"
     if tokenizer is not None and saved_tokenizer.exists():
         if saved_tokenizer.read_bytes() != tokenizer.serialized():
             differ.append("tokenizer model file")
+    if differ and not force and not _has_checkpoint(root):
+        print(f"warning: {workdir} holds the config of a run that saved no checkpoint "
+              f"(different {', '.join(differ)}); starting it over with this one.")
+        return
     if differ and not force:
         raise ValueError(f"Workdir {workdir} holds a run with a different {', '.join(differ)}; "
                          f"use another --workdir, or --force_resume to continue it anyway.")
     if differ:
         print(f"warning: continuing {workdir} with a different {', '.join(differ)}.")
+
+
+def _is_run_config(path) -> bool:
+    """Valid JSON with a run's groups (invalid JSON is resume_conflicts' to name)."""
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return True
+    return isinstance(saved, dict) and {"model", "data", "optim", "train"} <= set(saved)
+
+
+def _has_checkpoint(root) -> bool:
+    """Whether a step was ever saved here (an unfinished save's folder is not a number)."""
+    folder = root / "checkpoints"
+    return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,17 +350,19 @@ class _Log:
         self.writer.write(step_done, self.last)
         self.bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{rate:,.0f}")
 
-    def close(self) -> None:
+    def close(self, keep: bool = True) -> None:
         self.bar.close()
-        self.writer.close()
+        self.writer.close(keep)
 
 
-def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted) -> dict:
-    """Dispatch step n, then read step n-1's metrics; evaluate, check and save on cadence."""
+def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted, held) -> dict:
+    """Dispatch step n, then read step n-1's metrics; evaluate, check and save on cadence.
+    Nothing is written once `held`, the workdir lease, is found taken over."""
     def evaluate_at(state, step):
         return evaluate(fns.eval, state, data.eval_batches, mesh)
 
     def save(step, state):
+        held.check()
         log.writer.flush()  # on gs://: the rows up to `step` are in the workdir before its save
         checkpoint.save(ckpt, step, state, data.train.get_state())
 
@@ -344,6 +370,7 @@ def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted) -> dict:
     log, trace, pending = _Log(cfg, workdir, mesh, start), profiler.Window(cfg, workdir), None
     try:
         for done in range(start + 1, cfg.train.steps + 1):
+            held.check()
             batch = sharding.to_global(next(data.train), mesh)
             trace.before(done)
             state, step_metrics = step_fn(state, batch)
@@ -370,6 +397,6 @@ def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted) -> dict:
         ckpt.wait_until_finished()
     finally:
         trace.stop()
-        log.close()
+        log.close(keep=not held.lost)
         ckpt.close()
     return log.last

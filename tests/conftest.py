@@ -1,6 +1,7 @@
 """Eight fake CPU devices for every test, set before JAX initialises its backend."""
 
 import os
+import re
 import sys
 import tempfile
 
@@ -42,3 +43,37 @@ def smoke_workdir(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("smoke_run"))
     train.run(cfg, workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """One GCS API server per test process (tests/gcs.py): gcsfs keeps the first address it
+    meets in its cached filesystem, so every module of a process must share one."""
+    import importlib.util
+
+    from tests import gcs
+
+    # the [gcs] extra, as test_hf.py needs [hf]; CI installs both. Not imported here: gcsfs
+    # reads its environment (the emulator's address) when first used
+    if not all(importlib.util.find_spec(m) for m in ("gcsfs", "gcp_storage_emulator")):
+        pytest.skip("needs the [gcs] extra: pip install -e '.[gcs]'")
+    with gcs.emulator(str(tmp_path_factory.mktemp("gcs"))) as url:
+        yield url
+
+
+@pytest.fixture
+def bucket(gcs_server, request):
+    """gs://BUCKET/<this test's name>/: a folder of the shared server no other test uses."""
+    return f"{gcs_server}/{re.sub(r'[^A-Za-z0-9_.-]', '_', request.node.name)}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """LMJAX_NO_SKIPS=1 (CI sets it): a skipped test fails, so a missing extra (hf, tpu, gcs)
+    cannot turn their tests into silent passes."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("LMJAX_NO_SKIPS") == "1" and not hasattr(report,
+                                                                                 "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under LMJAX_NO_SKIPS=1: {report.longrepr}"

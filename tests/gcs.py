@@ -2,17 +2,21 @@
 
 `gcp-storage-emulator` (the `gcs` extra) serves one bucket from a temporary folder, with one
 gap filled (`serve`): a download also names the object's generation, as GCS does, which
-TensorStore keeps to revalidate its cached OCDBT manifest. gcsfs (what
+TensorStore keeps to revalidate its cached OCDBT manifest; and an upload honours
+`ifGenerationMatch`, which the workdir lease's create-if-absent relies on. gcsfs (what
 epath reads and writes gs:// through) finds it by STORAGE_EMULATOR_HOST, TensorStore (Orbax's
-arrays) by TENSORSTORE_GCS_HTTP_URL; neither then asks for real credentials. The variables are
+arrays) by TENSORSTORE_GCS_HTTP_URL, array_record (TFDS's files) by
+CLOUD_STORAGE_EMULATOR_ENDPOINT; none then asks for real credentials. The variables are
 set in os.environ, so subprocesses (`python -m lmjax train`) reach the same server.
 """
 
 import contextlib
+import http
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -31,7 +35,8 @@ def environment(port: int) -> dict[str, str]:
     url = f"http://localhost:{port}"
     return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-            "FSSPEC_GCS_TOKEN": "anon"}  # fsspec's config for gcsfs: no credential lookup
+            "FSSPEC_GCS_TOKEN": "anon",  # fsspec's config for gcsfs: no credential lookup
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": url}  # array_record's own GCS client (TFDS)
 
 
 @contextlib.contextmanager
@@ -87,7 +92,30 @@ def serve(args: list[str]) -> None:
             response["x-goog-generation"] = obj["generation"]
             response["x-goog-metageneration"] = obj["metageneration"]
 
-    objects.download = with_generation  # before server.py builds its routes from it
+    insert, lock = objects.insert, threading.Lock()
+
+    def with_precondition(request, response, storage, *rest, **kwargs):
+        """GCS's create-if-absent (`ifGenerationMatch=0`, what gcsfs sends for mode="create"):
+        a 412 when the object exists. The emulator ignores the condition; the lease needs it."""
+        wanted = request.query.get("ifGenerationMatch", [None])[0]
+        with lock:  # the check and the write as one step, as the real service does
+            if wanted is not None:
+                name = (request.query.get("name") or [None])[0]
+                if name is None and isinstance(request.data, dict):
+                    name = (request.data.get("meta") or request.data).get("name")
+                try:
+                    now = storage.get_file_obj(request.params["bucket_name"], name)["generation"]
+                except Exception:  # noqa: BLE001 - the emulator's NotFound: no object yet
+                    now = "0"
+                if str(now) != wanted:
+                    response.status = http.HTTPStatus.PRECONDITION_FAILED
+                    response.json({"error": {"code": 412, "message": "conditionNotMet",
+                                             "errors": [{"reason": "conditionNotMet"}]}})
+                    return None
+            return insert(request, response, storage, *rest, **kwargs)
+
+    objects.download = with_generation  # before server.py builds its routes from them
+    objects.insert = with_precondition
     from gcp_storage_emulator.__main__ import main
 
     main(args)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from lmjax import bench
@@ -35,7 +36,7 @@ def test_figures_are_consistent(devices):
     # the peak is the faster of the two matmul measurements, and MFU divides by it
     assert r["matmul_peak_gflops"] == max(r["matmul_before_after_gflops"])
     assert r["peak_flops_per_device"] == pytest.approx(r["matmul_peak_gflops"] * 1e9)
-    assert r["loss"] == pytest.approx(r["loss"])  # finite
+    assert np.isfinite(r["loss"])
     # the client made a pool for all 8 of the session's devices, however many the run uses
     assert r["xla_cpu_pool_threads"] >= len(jax.devices()) == 8
     assert ("oversubscribed" in bench.table(r)) == (r["xla_cpu_pool_threads"] > os.cpu_count())

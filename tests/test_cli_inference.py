@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from configs import smoke
+from lmjax.interop import hf
 from tests.test_cli import lmjax
 
 
@@ -43,3 +45,16 @@ def test_bad_input_is_one_sentence(args, message):
     out = lmjax(*args, devices=1)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert message in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+
+
+def test_convert_of_unreadable_weights_is_one_sentence_and_writes_nothing(tmp_path):
+    hf_dir, workdir = tmp_path / "hf", tmp_path / "run"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(hf.config_to_hf(smoke.get_config())))
+    (hf_dir / "model.safetensors").write_bytes(b"\x00\x01\x02")
+    out = lmjax("convert", f"--from_hf={hf_dir}", f"--workdir={workdir}", devices=1)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"lmjax convert: {hf_dir}/model.safetensors is truncated or not a safetensors file: its "
+        "header claims 8 bytes, the file holds 3.")
+    assert not workdir.exists()

@@ -123,6 +123,7 @@ def test_train_run_on_ring_equals_data_parallel(tmp_path):
     def losses(mesh, kernel):
         cfg = smoke_cfg(mesh, kernel, segment_mask=False)
         cfg.train.update(steps=5, eval_every=0)
+        cfg.optim.warmup_steps = 2
         workdir = str(tmp_path / kernel)
         train.run(cfg, workdir)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:

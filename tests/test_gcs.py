@@ -2,7 +2,6 @@
 resume bitwise-exactly, eval; and lmjax/paths.py's helpers on a bucket. Nothing may land in a
 local folder named `gs:` (what os.path.abspath makes of gs://bucket/run)."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ from etils import epath
 from configs import smoke
 from lmjax import checkpoint, evaluate, paths, train
 from lmjax.metrics import Writer
-from tests import gcs
 from tests.test_reliability import (
     ROOT,
     assert_rows_match,
@@ -23,16 +21,6 @@ from tests.test_reliability import (
     subprocess_env,
     without_timing,
 )
-
-
-@pytest.fixture(scope="module")
-def bucket(tmp_path_factory):
-    # the [gcs] extra, as test_hf.py needs [hf]; CI installs both. Not imported here: gcsfs reads
-    # its environment (the emulator's address) once, when first imported
-    if not all(importlib.util.find_spec(m) for m in ("gcsfs", "gcp_storage_emulator")):
-        pytest.skip("needs the [gcs] extra: pip install -e '.[gcs]'")
-    with gcs.emulator(str(tmp_path_factory.mktemp("gcs"))) as url:
-        yield url
 
 
 def rows(workdir) -> list[dict]:

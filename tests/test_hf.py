@@ -120,6 +120,38 @@ def test_bad_checkpoints_name_the_cause(checkpoints, tmp_path):
             "model.extra.weight": np.zeros(3, np.float32)})))
 
 
+def test_unreadable_files_name_the_file_and_the_cause(checkpoints, tmp_path):
+    """Random, truncated or lying safetensors files and a broken config.json: one ValueError
+    naming the file, never safetensors' or json's own traceback."""
+    path, _ = checkpoints["llama"]
+    weights = open(os.path.join(path, "model.safetensors"), "rb").read()
+    size = len(weights)
+    lying = (size + 1).to_bytes(8, "little") + weights[8:]  # the header alone outgrows the file
+    cases = [
+        ("model.safetensors", np.random.default_rng(0).bytes(size),
+         rf"is truncated or not a safetensors file: its header claims \d+ bytes, the file "
+         rf"holds {size}\."),
+        ("model.safetensors", b"", "its header claims 8 bytes, the file holds 0."),
+        ("model.safetensors", lying, f"its header claims {size + 9} bytes, the file holds {size}."),
+        ("model.safetensors", weights[:size // 2],
+         rf"model.safetensors is truncated: its header claims {size} bytes, the file holds "
+         rf"{size // 2}\."),
+        ("model.safetensors", (8).to_bytes(8, "little") + b"not json" + weights[16:],
+         "is not a safetensors file: its header is not a table of tensors."),
+        ("config.json", open(os.path.join(path, "config.json"), "rb").read()[:40],
+         r"config.json is not valid JSON \("),
+        ("config.json", b"[1, 2]", "config.json holds a JSON list, not an object"),
+        ("config.json", json.dumps({**json.load(open(os.path.join(path, "config.json"))),
+                                    "num_attention_heads": "4"}).encode(),
+         "config.json of a llama checkpoint has a value of the wrong type"),
+    ]
+    for i, (name, data, message) in enumerate(cases):
+        broken = broken_copy(path, tmp_path / str(i))
+        open(os.path.join(broken, name), "wb").write(data)
+        with pytest.raises(ValueError, match=message):
+            hf.from_pretrained(broken)
+
+
 def test_export_refuses_models_without_an_hf_twin(checkpoints):
     _, cfg = hf.from_pretrained(checkpoints["llama"][0])
     cfg.model.qk_norm = True

@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "lmjax"
 LAYERS = [
     ["config", "paths"],
     ["chips", "positions", "sharding", "attention", "loss", "optim", "mup", "rope_scaling",
-     "backends", "data", "faults"],
+     "backends", "data", "faults", "lease"],
     ["model"],
     ["flops", "checkpoint", "metrics", "profiler", "validate"],
     ["train", "evaluate", "sample", "inference", "interop", "plan", "bench", "coord_check",

@@ -200,7 +200,7 @@ def test_a_window_larger_than_the_context_is_refused():
     cfg.model.attention_window = 32  # a no-op at 32, but meaningful at longer evaluation
     validate.validate(cfg, 8)
     cfg.model.attention_window = -1
-    with pytest.raises(ValueError, match="must be >= 0"):
+    with pytest.raises(ValueError, match="model.attention_window=-1 must be at least 0"):
         validate.validate(cfg, 8)
 
 
@@ -273,7 +273,8 @@ def test_rope_scaling_equals_transformers(kind, factor, original, head_dim, thet
 @pytest.mark.parametrize("change,message", [
     (dict(rope_scaling="yarn", rope_original_max_len=0), "needs model.rope_original_max_len"),
     (dict(rope_scaling="linear", position="learned"), "needs model.position='rope'"),
-    (dict(rope_scaling="linear", rope_scaling_factor=0.5), "must be >= 1"),
+    (dict(rope_scaling="linear", rope_scaling_factor=0.5),
+     "model.rope_scaling_factor=0.5 must be at least 1."),
     (dict(rope_scaling="ntk"), "is not one of"),
 ])
 def test_bad_rope_scaling_is_refused(change, message):

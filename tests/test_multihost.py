@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from etils import epath
 
 from lmjax import distributed
 from tests import xla
@@ -118,8 +119,8 @@ def test_launcher_stops_the_others_and_names_the_failed_process(tmp_path):
 
 
 def _losses(workdir: str) -> dict[int, float]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {row["step"]: row["train/loss"] for row in map(json.loads, f)}
+    rows = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row["train/loss"] for row in map(json.loads, rows)}
 
 
 def _train_args(workdir: str) -> list[str]:
@@ -127,8 +128,37 @@ def _train_args(workdir: str) -> list[str]:
             *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
 
 
+def _hosts(workdir: str, folder, fault: str = "", timeout: float = 600) -> list[tuple[int, str]]:
+    """Two processes as two hosts of a pod: 4 devices each, each in its own empty local
+    folder (no disk shared), meeting through a coordinator on 127.0.0.1; (exit code, output)
+    of each."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla.flags(4),
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2",
+           **({"LMJAX_FAULT": fault} if fault else {})}
+    procs = []
+    for i in range(2):
+        cwd = folder / f"host{i}"
+        cwd.mkdir(parents=True, exist_ok=True)
+        procs.append(subprocess.Popen(
+            [sys.executable, *_train_args(workdir)], cwd=cwd, text=True,
+            env={**env, "JAX_PROCESS_ID": str(i), "PYTHONPATH": ROOT},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
+
+
+def _succeed(results: list[tuple[int, str]]) -> None:
+    for code, out in results:
+        assert code == 0, out[-3000:]
+
+
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_resume_equal_one_process(tmp_path):
+def test_two_hosts_sharing_no_disk_train_checkpoint_resume_on_gs_equal_one_process(
+        tmp_path, bucket):
     from lmjax import config, train
 
     cfg = config.load(os.path.join(ROOT, "configs", "smoke.py"),
@@ -137,21 +167,17 @@ def test_two_processes_train_checkpoint_resume_equal_one_process(tmp_path):
     reference = _losses(str(tmp_path / "one"))
     assert sorted(reference) == list(range(1, cfg.train.steps + 1))
 
-    two = str(tmp_path / "two")
-    command = ["2", "--devices_per_process=4", f"--logdir={tmp_path / 'logs'}", "--",
-               sys.executable, *_train_args(two)]
+    two = f"{bucket}/two"
     # A preemption notice (SIGTERM) reaches each process after step 13: they agree on a step,
-    # both write their part of its checkpoint, and exit cleanly.
-    out = _launch(*command, env={"LMJAX_FAULT": "term:13"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    saved = sorted(int(s) for s in os.listdir(os.path.join(two, "checkpoints")))
+    # both write their part of its checkpoint to the bucket, and exit cleanly.
+    _succeed(_hosts(two, tmp_path, fault="term:13"))
+    saved = sorted(int(s.name) for s in (epath.Path(two) / "checkpoints").iterdir())
     stopped = saved[-1]
     assert saved[0] == 10 and 13 <= stopped < cfg.train.steps
     before = _losses(two)
     assert sorted(before) == list(range(1, stopped + 1))
 
-    out = _launch(*command)  # the same command resumes
-    assert out.returncode == 0, out.stderr[-3000:]
+    _succeed(_hosts(two, tmp_path))  # the same command resumes
     after = _losses(two)
     assert sorted(after) == sorted(reference)
     for step, loss in reference.items():
@@ -159,11 +185,23 @@ def test_two_processes_train_checkpoint_resume_equal_one_process(tmp_path):
         if step <= stopped:
             assert before[step] == after[step]  # rows before the stop are kept as written
     assert after[cfg.train.steps] < after[1] - 0.5  # it learned
+    for host in ("host0", "host1"):  # neither host kept anything on its own disk
+        assert not any((tmp_path / host).iterdir())
 
     # One process cannot take over what two wrote: their data positions are per process.
     with pytest.raises(ValueError, match="written by 2 processes but this run has 1; resume "
                                          "with 2 processes"):
         train.run(cfg, two)
+
+
+def test_a_local_workdir_that_hosts_do_not_share_is_refused_before_any_step(tmp_path):
+    """`--workdir=run` on two hosts is two folders: both refuse, in one sentence."""
+    for code, out in _hosts("run", tmp_path, timeout=300):
+        assert code == 1, out[-3000:]
+        assert "lmjax train: Workdir run is not one folder shared by all 2 processes: " \
+               "process(es) [1] cannot read the lease process 0 wrote there" in out, out[-3000:]
+        assert "Traceback" not in out
+    assert not (tmp_path / "host1" / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow

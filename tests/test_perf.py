@@ -55,7 +55,7 @@ def loss_and_grads(m, tokens_BL):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test: test_scan_decodes_as_unrolled gives the models KV caches
 def pair():
     unrolled = model_lib.Transformer(tiny(scan_layers=False), nnx.Rngs(params=0))
     return unrolled, as_scanned(unrolled, tiny(scan_layers=True))
@@ -175,7 +175,7 @@ def test_second_run_reads_the_compilation_cache(tmp_path):
            "JAX_DEBUG_LOG_MODULES": "jax._src.compiler,jax._src.compilation_cache"}
     code = ("import sys; sys.path.insert(0, '.'); from configs import smoke; from lmjax import "
             "train; c = smoke.get_config(); c.mesh.data = 1; c.train.update(steps=1, "
-            "eval_every=0, eval_batches=0); c.optim.warmup_steps = 1; "
+            "eval_every=0, eval_batches=0); c.optim.warmup_steps = 0; "
             "import jax; train.run(c, sys.argv[1], devices=jax.devices()[:1])")
     logs = []
     for i in range(2):

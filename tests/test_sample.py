@@ -194,3 +194,11 @@ def test_sample_command_streams_what_it_returns(smoke_workdir):
     texts = sample.main(smoke_workdir, ["A", "To be"], max_new_tokens=5, temperature=0.0,
                         out=out)
     assert out.getvalue() == f"--- sample 1 ---\nA{texts[0]}\n--- sample 2 ---\nTo be{texts[1]}\n"
+
+
+@pytest.mark.slow
+def test_sample_command_refuses_before_echoing_the_prompt(smoke_workdir):
+    out = io.StringIO()
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        sample.main(smoke_workdir, ["ROMEO:"], top_p=1.5, out=out)
+    assert out.getvalue() == ""  # the error alone, not after "ROMEO:"

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lmjax.data import sources
+from configs import base
+from lmjax.data import pipeline, sources
 from lmjax.data.tokenizer import TEXT_DIR, Tokenizer, resolve_tokenizer, train_tokenizer
 
 TRICKY = [
@@ -108,6 +109,22 @@ def test_resolve_names_and_paths(tmp_path):
         resolve_tokenizer("no_such_tokenizer")
     with pytest.raises(FileNotFoundError, match="missing.model"):
         resolve_tokenizer(str(tmp_path / "missing.model"))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty (0 bytes); it is not a SentencePiece model."),
+    (b"KING LEAR.\nHow now, my lords!\n", "is not a SentencePiece model."),
+    (bytes(range(256)) * 4, "is not a SentencePiece model."),
+])
+def test_an_empty_or_garbage_tokenizer_file_is_one_sentence(tmp_path, content, message):
+    (tmp_path / "bad.model").write_bytes(content)
+    with pytest.raises(ValueError) as raised:
+        Tokenizer.load(resolve_tokenizer(str(tmp_path / "bad.model")))
+    assert str(raised.value) == f"Tokenizer file {tmp_path / 'bad.model'} {message}"
+    cfg = base.get_config()
+    cfg.data.tokenizer = str(tmp_path / "bad.model")
+    with pytest.raises(ValueError, match="is not a SentencePiece model"):  # how a run meets it
+        pipeline.build(cfg)
 
 
 def test_bad_model_type(tmp_path):

@@ -114,3 +114,24 @@ def test_no_held_out_batches_means_no_eval_rows(tmp_path):
     train.run(cfg, str(tmp_path))
     rows = read_metrics(str(tmp_path))
     assert [r["step"] for r in rows] == [1, 2] and not any("eval/loss" in r for r in rows)
+
+
+def test_a_run_that_saved_no_checkpoint_does_not_block_new_settings(tmp_path, capsys):
+    """A run that failed before its first save left only its config.json: nothing to resume,
+    so a run with other settings starts over (with a warning) instead of being refused."""
+    from lmjax import config
+
+    cfg = smoke.get_config()
+    config.save(cfg, tmp_path / "config.json")
+    cfg.optim.lr = cfg.optim.lr / 2
+    train._check_resumable(cfg, str(tmp_path), None, force=False)
+    assert "saved no checkpoint (different optim.lr); starting it over" in capsys.readouterr().out
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)  # with a checkpoint, it is refused
+    with pytest.raises(ValueError, match="holds a run with a different optim.lr"):
+        train._check_resumable(cfg, str(tmp_path), None, force=False)
+
+
+def test_a_config_json_lmjax_did_not_write_is_never_overwritten(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(ValueError, match="holds a config.json that lmjax did not write"):
+        train._check_resumable(smoke.get_config(), str(tmp_path), None, force=False)

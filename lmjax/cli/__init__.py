@@ -11,6 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
+from lmjax import lease
 from lmjax.backends import cpu_host
 
 # command -> (its module in lmjax/cli/, one line of usage)
@@ -68,8 +69,11 @@ def main(argv: list[str] | None = None) -> None:
             logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
         try:
             module.run(args[1:], overrides)
-        except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+        # OSError: a missing file, a full disk, a folder without permission; its text names it
+        except (ValueError, KeyError, OSError, FloatingPointError, lease.Busy) as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else e
             sys.exit(f"lmjax {command}: {message}")
+        except KeyboardInterrupt:  # Ctrl-C (train has saved at a step boundary first): as a shell
+            sys.exit(130)
 
     app.run(absl_main, argv=rest)

@@ -8,9 +8,10 @@ from lmjax.interop import hf
 
 common.define_workdir()
 common.define_step("export with --to_hf")
-flags.DEFINE_string("from_hf", None, "Hugging Face directory to import into --workdir")
+flags.DEFINE_string("from_hf", None, "Hugging Face directory (or gs:// URL) to import into "
+                    "--workdir")
 flags.DEFINE_bool("to_hf", False, "export --workdir to a Hugging Face directory --out")
-flags.DEFINE_string("out", "", "the Hugging Face directory --to_hf writes")
+flags.DEFINE_string("out", "", "the Hugging Face directory (or gs:// URL) --to_hf writes")
 FLAGS = flags.FLAGS
 
 

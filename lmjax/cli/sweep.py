@@ -8,7 +8,7 @@ from absl import app, flags
 from lmjax.scaling import sweep
 
 flags.DEFINE_string("sweep", None, "a config file that also has get_sweep()")
-flags.DEFINE_string("root", None, "folder holding one workdir per sweep member")
+flags.DEFINE_string("root", None, "folder or gs:// URL holding one workdir per sweep member")
 flags.DEFINE_enum("runner", "local", ["local", "tpu"], "where members train")
 flags.DEFINE_integer("parallel", 1, "members trained at once (local runner)")
 flags.DEFINE_bool("dry_run", False, "print the members' commands, run nothing")

@@ -27,7 +27,7 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 @dataclasses.dataclass(frozen=True)
 class Source:
     name: str  # reported as eval/<name>/...; a language code or any identifier
-    pattern: str  # a shipped text name, a glob or a folder (as data.text)
+    pattern: str  # a shipped text name, a glob or a folder, local or gs:// (as data.text)
     weight: float  # relative share of training rows; 0 = evaluated only
 
 

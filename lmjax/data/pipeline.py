@@ -150,13 +150,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     strided-eval stride, a mixture's names and weights (its files are read by build)."""
     d = cfg.data
     config.check_choices(cfg, {"data.source": SOURCES})
-    config.check_at_least_one(cfg, ("data.seq_len", "data.global_batch_size"))
     if not 0 <= d.eval_stride <= d.seq_len:
         raise ValueError(f"data.eval_stride={d.eval_stride} must be between 1 and the context "
                          f"data.seq_len={d.seq_len} (0: non-overlapping windows, = seq_len).")
     if d.mixture:
         if d.source != "text":
-            raise ValueError(f"data.mixture mixes local texts; it needs data.source='text', "
+            raise ValueError(f"data.mixture mixes texts; it needs data.source='text', "
                              f"not {d.source!r}.")
         mixture.parse(d.mixture)
 

@@ -1,5 +1,6 @@
-"""Where training data comes from: local UTF-8 text (tokenized, cached), a prepared TFDS
-dataset (array_record, read by random access), or synthetic tokens.
+"""Where training data comes from: UTF-8 text (tokenized, cached), a prepared TFDS dataset
+(array_record, read by random access), or synthetic tokens. Text files and TFDS folders may be
+local or in a bucket (gs://...; lmjax/paths.py).
 
 The text and synthetic sources yield rows of `seq_len + 1` tokens; the pipeline turns row r into
 inputs r[:-1] and targets r[1:]. Both are random access (row i is a pure function of the source
@@ -8,7 +9,6 @@ The TFDS source yields documents; the pipeline tokenizes and packs them on the f
 `build_tfds` turns local text files into such a TFDS dataset.
 """
 
-import glob
 import hashlib
 import math
 import os
@@ -19,7 +19,9 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from lmjax import paths
 from lmjax.data.tokenizer import TEXT_DIR, Tokenizer
 
 # Two or more blank lines end a document: plain text has no other portable separator, and
@@ -28,26 +30,25 @@ DOC_SEPARATOR = re.compile(r"\n(?:[ \t\r]*\n){2,}")
 _CACHE_VERSION = b"lmjax-tokens-v1"  # bump when the tokenized format or splitting changes
 
 
-def resolve_text(name_or_glob: str) -> list[Path]:
-    """Files of `data.text`: a shipped name (`shakespeare`), a glob of local files, or a
-    directory (every file under it), sorted."""
+def resolve_text(name_or_glob: str) -> list[epath.Path]:
+    """Files of `data.text`: a shipped name (`shakespeare`), a glob of files, or a folder
+    (every file under it), sorted; on a disk or in a bucket (gs://...)."""
     shipped = TEXT_DIR / f"{name_or_glob}.txt"
     if "/" not in name_or_glob and shipped.is_file():
-        return [shipped]
-    pattern = os.path.expanduser(name_or_glob)
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "**", "*")
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-    paths = [p for p in paths if p.is_file()]
-    if not paths:
+        return [epath.Path(shipped)]
+    pattern = name_or_glob
+    if paths.resolve(pattern).is_dir():
+        pattern = f"{pattern.rstrip('/')}/**/*"
+    files = paths.glob(pattern)
+    if not files:
         raise FileNotFoundError(
             f"data.text={name_or_glob!r} is neither a text shipped in {TEXT_DIR} nor a glob "
             "matching any file."
         )
-    return paths
+    return files
 
 
-def _decode(path: Path, raw: bytes) -> str:
+def _decode(path: epath.Path, raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -75,12 +76,12 @@ def train_eval_split(docs: list[str], eval_fraction: float) -> tuple[list[str], 
     return docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
 
 
-def read_split(paths: Sequence[Path], eval_fraction: float) -> tuple[list[str], list[str]]:
+def read_split(paths: Sequence[epath.Path], eval_fraction: float) -> tuple[list[str], list[str]]:
     """Train and eval documents of `paths`, in file order."""
     return _split(paths, [p.read_bytes() for p in paths], eval_fraction)
 
 
-def _split(paths: Sequence[Path], raw: list[bytes], eval_fraction: float):
+def _split(paths: Sequence[epath.Path], raw: list[bytes], eval_fraction: float):
     docs = []
     for path, data in zip(paths, raw, strict=True):
         docs += split_documents(_decode(path, data))
@@ -99,7 +100,7 @@ def cache_dir() -> Path:
 
 
 def text_streams(
-    paths: Sequence[Path], tokenizer: Tokenizer, eval_fraction: float
+    paths: Sequence[epath.Path], tokenizer: Tokenizer, eval_fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, eval) token streams of `paths`, read from the cache when these exact file
     contents were tokenized before with this exact tokenizer and eval_fraction.
@@ -191,9 +192,9 @@ def tfds_source(name: str, data_dir: str, split: str, feature: str) -> Sequence:
     `tfds.data_source` needs no TensorFlow. It is called with download=False: a dataset that is
     not prepared is an error naming where we looked, never a download at run time.
     """
-    root = Path(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR))
+    root = paths.resolve(data_dir or tfds.core.constants.DATA_DIR)  # a folder or gs://...
     folder = root / name.split(":")[0]
-    if not name or not list(folder.glob("**/dataset_info.json")):
+    if not name or not paths.glob(f"{folder}/**/dataset_info.json"):
         raise FileNotFoundError(
             f"data.tfds_name={name!r} is not a prepared TFDS dataset under {root} "
             "(data.tfds_data_dir); prepare it with tfds or `lmjax data build`."
@@ -234,7 +235,7 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, {"text": doc}
 
 
-def read_documents(paths: Sequence[Path], per: str) -> list[str]:
+def read_documents(paths: Sequence[epath.Path], per: str) -> list[str]:
     """Documents of `paths`: one per file (`per='file'`) or one per blank-line-separated
     paragraph (`per='paragraph'`). Every file must be non-empty UTF-8."""
     if per not in ("file", "paragraph"):
@@ -260,8 +261,7 @@ def build_tfds(
         raise ValueError(f"Dataset name {name!r} must be snake_case: [a-z][a-z0-9_]*.")
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction={eval_fraction} must be in (0, 1).")
-    paths = resolve_text(pattern)
-    docs = read_documents(paths, per)
+    docs = read_documents(resolve_text(pattern), per)
     if len(docs) < 2:
         raise ValueError(
             f"{pattern!r} holds {len(docs)} document; a train and a validation split need two "
@@ -275,7 +275,7 @@ def write_tfds(name: str, data_dir: str, splits: dict[str, list[str]]) -> dict[s
     """Write documents per split as TFDS dataset `name` (array_record) under `data_dir`."""
     builder_cls = type("TextBuilder", (_TextBuilder,), {"name": name, "DOCS": splits},
                        skip_registration=True)
-    builder = builder_cls(data_dir=os.path.expanduser(data_dir), file_format="array_record")
+    builder = builder_cls(data_dir=str(paths.resolve(data_dir)), file_format="array_record")
     tfds.display_progress_bar(False)
     builder.download_and_prepare()
     return {split: len(docs) for split, docs in splits.items()}

@@ -15,6 +15,8 @@ from pathlib import Path
 import sentencepiece as spm
 from etils import epath
 
+from lmjax import paths
+
 TEXT_DIR = Path(__file__).parent / "text"  # shipped corpora and tokenizer models
 
 
@@ -27,10 +29,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """The model at `path`, a local file or gs://...; one sentence if it is none."""
+        proto = paths.resolve(path).read_bytes()
+        if not proto:  # SentencePiece would take it as a model of no pieces
+            raise ValueError(f"Tokenizer file {path} is empty (0 bytes); it is not a "
+                             "SentencePiece model.")
         try:  # a protobuf parse: no code runs, whatever the file holds
-            return cls(epath.Path(path).read_bytes())  # a local file or gs://
+            return cls(proto)
         except RuntimeError:
-            raise ValueError(f"{path} is not a SentencePiece model file.") from None
+            raise ValueError(f"Tokenizer file {path} is not a SentencePiece model.") from None
 
     def __reduce__(self):
         """Pickle as the proto, so grain worker processes get their own processor."""
@@ -100,7 +107,7 @@ def train_tokenizer(
             num_threads=os.cpu_count(),
             minloglevel=2,
         )
-    path = Path(f"{out_prefix}.model")
+    path = paths.resolve(f"{out_prefix}.model")  # a local file or gs://...
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(proto.getvalue())
     return Tokenizer(proto.getvalue())
@@ -108,17 +115,17 @@ def train_tokenizer(
 
 def _lines(files: Sequence[str | os.PathLike]) -> Iterator[str]:
     for f in files:
-        with open(f, encoding="utf-8") as lines:
+        with paths.resolve(f).open(encoding="utf-8") as lines:
             yield from (line.rstrip("\n") for line in lines)
 
 
 def resolve_tokenizer(name_or_path: str) -> str:
     """Path of a tokenizer model: a bare name (`shakespeare_bpe2048`) is a model shipped in
-    lmjax/data/text; anything with a '/' or a '.model' suffix is a filesystem path."""
+    lmjax/data/text; anything with a '/' or a '.model' suffix is a path, local or gs://..."""
     if os.sep in name_or_path or "/" in name_or_path or name_or_path.endswith(".model"):
-        path = Path(name_or_path).expanduser()
+        path = paths.resolve(name_or_path)
     else:
-        path = TEXT_DIR / f"{name_or_path}.model"
+        path = epath.Path(TEXT_DIR / f"{name_or_path}.model")
     if not path.is_file():
         raise FileNotFoundError(f"Tokenizer {name_or_path!r} not found: no file at {path}.")
     return str(path)

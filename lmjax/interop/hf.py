@@ -1,13 +1,15 @@
-"""Hugging Face checkpoints (GPT-2 and LLaMA families) to lmjax and back, via safetensors.
+"""Hugging Face checkpoints (GPT-2, LLaMA, Mistral, Qwen3, Gemma) to lmjax and back, via
+safetensors.
 
     model, cfg = from_pretrained("path/to/hf_dir")      # config.json + *.safetensors
     lmjax convert --from_hf=HF_DIR --workdir=OUT         # an lmjax workdir: train, eval, sample
     lmjax convert --to_hf --workdir=DIR --out=HF_DIR     # loadable by transformers
 
 Tensors are read with the `safetensors` package as numpy arrays: no torch and no pickle at run
-time (a pytorch_model.bin is refused, not unpickled). One table per family maps each lmjax
-parameter to its Hugging Face tensor with a function each way, so import and export cannot
-drift apart. Layout facts the table encodes:
+time (a pytorch_model.bin is refused, not unpickled); interop/files.py reads and writes the
+files, local or gs://. One table per family maps each lmjax parameter to its Hugging Face
+tensor with a function each way, so import and export cannot drift apart. Layout facts the
+table encodes:
 
 - torch `nn.Linear` stores [out, in]; lmjax kernels are [in, out] with heads split out
   (q: [D, N, H], o: [N, H, D]). GPT-2's `Conv1D` is already [in, out], and fuses q, k, v into
@@ -17,29 +19,32 @@ drift apart. Layout facts the table encodes:
   (and GPT-J-style code) rotate adjacent pairs (2i, 2i+1); `rope_layout="interleaved"`
   permutes such q/k rows on import (`interleaved_to_half_split`, the permutation
   transformers' convert_llama_weights_to_hf.py applies).
+- Mistral, Qwen3 and Gemma are LLaMA's tensors under their own model_type, plus Qwen3's q_norm
+  and k_norm. Gemma's RMSNorm multiplies by (1 + w): import adds 1 to each norm weight, export
+  subtracts it, so lmjax's one RMSNorm serves (the same function; Adam is blind to the shift and
+  norms are never decayed, so training is unchanged too).
 """
 
 import dataclasses
-import glob
-import json
 import math
-import os
-import shutil
 from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from lmjax import checkpoint, inference, optim
+from lmjax import checkpoint, inference, optim, paths
 from lmjax import config as config_lib
 from lmjax import model as model_lib
+from lmjax.interop import files
 from lmjax.model import Transformer
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen3", "gemma")
+# model_type -> the transformers class save_pretrained's config.json names
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                 "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma": "GemmaForCausalLM"}
 # Tensors a checkpoint may hold that are not parameters: GPT-2's causal-mask buffers, RoPE tables.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
@@ -100,29 +105,40 @@ def _gpt2_rules(m: ml_collections.ConfigDict) -> list[Rule]:
     return rules
 
 
-def _llama_rules(m: ml_collections.ConfigDict) -> list[Rule]:
+def _gemma_norm(path, hf):
+    """Gemma's RMSNorm scales by (1 + w), lmjax's by w."""
+    return Rule(path, hf, lambda w: w + 1, lambda w: w - 1)
+
+
+def _llama_rules(m: ml_collections.ConfigDict, kind: str = "llama") -> list[Rule]:
+    """LLaMA and the families built on its tensor names (Mistral, Qwen3, Gemma)."""
     D, N, K, H, F = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
+    norm = _gemma_norm if kind == "gemma" else _same
     rules = [_same(("embed", "embedding"), "model.embed_tokens.weight"),
-             _same(("final_norm", "scale"), "model.norm.weight")]
+             norm(("final_norm", "scale"), "model.norm.weight")]
     if not m.tie_embeddings:
         rules.append(_torch_linear(("unembed", "kernel"), "lm_head.weight", (D, m.vocab_size)))
     for i in range(m.num_layers):
         b, h = ("blocks", i), f"model.layers.{i}."
         rules += [
-            _same(b + ("attn_norm", "scale"), h + "input_layernorm.weight"),
+            norm(b + ("attn_norm", "scale"), h + "input_layernorm.weight"),
             _torch_linear(b + ("attn", "q", "kernel"), h + "self_attn.q_proj.weight", (D, N, H)),
             _torch_linear(b + ("attn", "k", "kernel"), h + "self_attn.k_proj.weight", (D, K, H)),
             _torch_linear(b + ("attn", "v", "kernel"), h + "self_attn.v_proj.weight", (D, K, H)),
             _torch_linear(b + ("attn", "o", "kernel"), h + "self_attn.o_proj.weight", (N, H, D),
                           n_in=2),
-            _same(b + ("mlp_norm", "scale"), h + "post_attention_layernorm.weight"),
+            norm(b + ("mlp_norm", "scale"), h + "post_attention_layernorm.weight"),
             _torch_linear(b + ("mlp", "gate", "kernel"), h + "mlp.gate_proj.weight", (D, F)),
             _torch_linear(b + ("mlp", "up", "kernel"), h + "mlp.up_proj.weight", (D, F)),
             _torch_linear(b + ("mlp", "down", "kernel"), h + "mlp.down_proj.weight", (F, D))]
+        if m.qk_norm:  # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE
+            rules += [_same(b + ("attn", "q_norm", "scale"), h + "self_attn.q_norm.weight"),
+                      _same(b + ("attn", "k_norm", "scale"), h + "self_attn.k_norm.weight")]
     return rules
 
 
-RULES = {"gpt2": _gpt2_rules, "llama": _llama_rules}
+def _rules(kind: str, m: ml_collections.ConfigDict) -> list[Rule]:
+    return _gpt2_rules(m) if kind == "gpt2" else _llama_rules(m, kind)
 
 
 def interleaved_to_half_split(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -141,21 +157,6 @@ def half_split_to_interleaved(w: np.ndarray, num_heads: int) -> np.ndarray:
 # ------------------------------------------------------------------------------ configs
 
 
-def read_config(path: str) -> dict:
-    """The checkpoint's config.json, or a FileNotFoundError saying what is missing."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Hugging Face checkpoint directory {path!r} does not exist.")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint: it has no config.json.")
-    with open(config_path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON ({e.msg}, line {e.lineno}).") \
-                from None
-
-
 def _require(hf: dict, key: str, allowed, what: str) -> None:
     if hf.get(key) not in allowed:
         raise ValueError(f"config.json has {key}={hf.get(key)!r}; lmjax's {what} needs one of "
@@ -163,7 +164,7 @@ def _require(hf: dict, key: str, allowed, what: str) -> None:
 
 
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
-    """configs/base.py with the model keys of a GPT-2 or LLaMA config.json (float32)."""
+    """configs/base.py with the model keys of a config.json of one of FAMILIES (float32)."""
     kind = hf.get("model_type")
     if kind not in FAMILIES:
         raise ValueError(f"config.json has model_type={kind!r} "
@@ -182,7 +183,12 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
                      norm_eps=hf["layer_norm_epsilon"], position="learned",
                      max_len=hf["n_positions"], use_bias=True, tie_embeddings=True)
         else:
-            _require(hf, "hidden_act", ("silu",), "LLaMA MLP (SwiGLU)")
+            gemma = kind == "gemma"
+            if gemma:  # "gelu" is the legacy name of the same tanh approximation (transformers)
+                _require(hf, "hidden_act", ("gelu_pytorch_tanh", "gelu"), "Gemma MLP (GeGLU)")
+            else:
+                _require(hf, "hidden_act", ("silu",), f"{kind} MLP (SwiGLU)")
+            _require(hf, "use_sliding_window", (False, None), "Qwen3 (full attention)")
             _require(hf, "attention_bias", (False, None), "LLaMA attention")
             _require(hf, "mlp_bias", (False, None), "LLaMA MLP")
             rope = hf.get("rope_parameters") or {}  # transformers >= 5; older: top-level keys
@@ -195,15 +201,20 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
                      num_layers=hf["num_hidden_layers"], num_heads=heads,
                      num_kv_heads=hf.get("num_key_value_heads") or heads,
                      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-                     mlp_dim=hf["intermediate_size"], mlp="swiglu", norm="rms",
+                     mlp_dim=hf["intermediate_size"], mlp="geglu" if gemma else "swiglu",
+                     norm="rms", embed_scale=gemma, qk_norm=kind == "qwen3",
+                     attention_window=(hf.get("sliding_window") or 0) if kind == "mistral" else 0,
                      norm_eps=hf["rms_norm_eps"], position="rope",
                      rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 1e4),
                      max_len=hf["max_position_embeddings"], use_bias=False,
-                     tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+                     tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)))
     except KeyError as e:
         raise KeyError(f"config.json of a {kind} checkpoint lacks the key {e.args[0]!r}.") \
             from None
-    m.update(dtype="float32", param_dtype="float32", dropout=0.0, qk_norm=False)
+    except (TypeError, ZeroDivisionError) as e:  # e.g. "n_head": "12", or 0 heads
+        raise ValueError(f"config.json of a {kind} checkpoint has a value of the wrong type or "
+                         f"range ({e}).") from None
+    m.update(dtype="float32", param_dtype="float32", dropout=0.0)
     cfg.data.seq_len = min(cfg.data.seq_len, m.max_len)
     return cfg
 
@@ -252,20 +263,6 @@ def config_to_hf(cfg: ml_collections.ConfigDict, eos_id: int | None = None) -> d
 # ------------------------------------------------------------------------------ weights
 
 
-def read_tensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of the directory's *.safetensors files (sharded checkpoints too)."""
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(
-            f"{path} is not a Hugging Face safetensors checkpoint: it has no *.safetensors file "
-            "(lmjax never unpickles pytorch_model.bin; re-save it with safe_serialization).")
-    tensors = {}
-    for name in files:
-        with safe_open(name, framework="np") as f:
-            tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    return tensors
-
-
 def _normalise(tensors: dict, kind: str) -> dict:
     """Drop non-parameter buffers; give GPT-2's bare names (openai-community/gpt2's own files
     say `h.0...`, `wte.weight`) the `transformer.` prefix GPT2LMHeadModel writes."""
@@ -276,19 +273,20 @@ def _normalise(tensors: dict, kind: str) -> dict:
     return out
 
 
-def from_pretrained(path: str, rope_layout: str = "half_split"
+def from_pretrained(path: paths.PathLike, rope_layout: str = "half_split"
                     ) -> tuple[Transformer, ml_collections.ConfigDict]:
-    """(model, config) from a local Hugging Face directory: model(tokens_BL) -> logits_BLV.
+    """(model, config) from a Hugging Face directory (local or gs://): model(tokens_BL) ->
+    logits_BLV.
 
     rope_layout: 'half_split' for Hugging Face LLaMA files; 'interleaved' for q/k rows in
     Meta's original layout (permuted on load).
     """
     if rope_layout not in ("half_split", "interleaved"):
         raise ValueError(f"rope_layout={rope_layout!r} must be 'half_split' or 'interleaved'.")
-    hf = read_config(path)
+    hf = files.read_config(path)
     cfg = config_from_hf(hf)
     kind, m = hf["model_type"], cfg.model
-    tensors = _normalise(read_tensors(path), kind)
+    tensors = _normalise(files.read_tensors(path), kind)
     if m.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # a copy of the embedding, when written at all
     if kind == "llama" and rope_layout == "interleaved":
@@ -300,7 +298,7 @@ def from_pretrained(path: str, rope_layout: str = "half_split"
     if m.scan_layers:  # the rules name layers one by one (blocks/<i>/...): fill that layout
         params = jax.eval_shape(model_lib.unstack_layers, params)
     used = set()
-    for rule in RULES[kind](m):
+    for rule in _rules(kind, m):
         if rule.hf not in tensors:
             raise KeyError(f"{path} has no tensor {rule.hf!r}, which a {kind} checkpoint with "
                            f"this config.json needs.")
@@ -323,7 +321,7 @@ def from_pretrained(path: str, rope_layout: str = "half_split"
     return nnx.merge(graphdef, state), cfg
 
 
-def save_pretrained(model: Transformer, cfg: ml_collections.ConfigDict, out: str,
+def save_pretrained(model: Transformer, cfg: ml_collections.ConfigDict, out: paths.PathLike,
                     tokenizer=None) -> None:
     """Write `out/config.json` and `out/model.safetensors` that transformers loads as
     GPT2LMHeadModel or LlamaForCausalLM (and tokenizer.model, if the run had one)."""
@@ -332,19 +330,13 @@ def save_pretrained(model: Transformer, cfg: ml_collections.ConfigDict, out: str
     if cfg.model.scan_layers:
         params = model_lib.unstack_layers(params)
     parts: dict[str, list[np.ndarray]] = {}
-    for rule in RULES[kind](cfg.model):
+    for rule in _rules(kind, cfg.model):
         value = np.asarray(_get(params, rule.path), np.float32)
         parts.setdefault(rule.hf, []).append(rule.to_hf(value))
     tensors = {name: np.ascontiguousarray(np.concatenate(p, axis=-1) if len(p) > 1 else p[0])
                for name, p in parts.items()}
-    os.makedirs(out, exist_ok=True)
-    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    eos = tokenizer.eos_id if tokenizer is not None else None
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg, eos), f, indent=2)
-    if tokenizer is not None:
-        with open(os.path.join(out, "tokenizer.model"), "wb") as f:
-            f.write(tokenizer.serialized())
+    eos, spm = (None, None) if tokenizer is None else (tokenizer.eos_id, tokenizer.serialized())
+    files.write(out, config_to_hf(cfg, eos), tensors, spm)
 
 
 def _get(tree: dict, path: tuple):
@@ -360,27 +352,29 @@ def _set(tree: dict, path: tuple, value) -> None:
 # ------------------------------------------------------------------------------ workdirs
 
 
-def convert_from_hf(src: str, workdir: str) -> ml_collections.ConfigDict:
+def convert_from_hf(src: paths.PathLike, workdir: paths.PathLike) -> ml_collections.ConfigDict:
     """An lmjax workdir from a Hugging Face directory: config.json and a step-0 checkpoint
     with a fresh optimizer, so `lmjax train` finetunes from it and eval/sample read it. A
-    SentencePiece tokenizer.model beside the weights (LLaMA) is copied and used as the run's."""
-    model, cfg = from_pretrained(src)
-    if os.path.exists(os.path.join(workdir, "checkpoints")):
+    SentencePiece tokenizer.model beside the weights (LLaMA) is copied and used as the run's.
+    Either side may be a gs:// folder."""
+    target = paths.resolve(workdir)
+    if (target / "checkpoints").exists():
         raise ValueError(f"{workdir} already holds checkpoints; convert into a new workdir.")
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.isfile(os.path.join(src, "tokenizer.model")):
-        target = os.path.abspath(os.path.join(workdir, "tokenizer.model"))
-        shutil.copyfile(os.path.join(src, "tokenizer.model"), target)
-        cfg.data.tokenizer = target
+    model, cfg = from_pretrained(src)
+    target.mkdir(parents=True, exist_ok=True)
+    tokenizer = paths.resolve(src) / "tokenizer.model"
+    if tokenizer.is_file():
+        (target / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+        cfg.data.tokenizer = str(target / "tokenizer.model")
     optimizer = nnx.Optimizer(model, optim.make(cfg.optim, cfg.train.steps), wrt=nnx.Param)
-    mngr = checkpoint.manager(workdir, cfg.checkpoint)
+    mngr = checkpoint.manager(str(target), cfg.checkpoint)
     checkpoint.save(mngr, 0, nnx.state((model, optimizer)), {"step": 0})
     mngr.wait_until_finished()
     mngr.close()
-    config_lib.save(cfg, os.path.join(workdir, "config.json"))
+    config_lib.save(cfg, target / "config.json")
     return cfg
 
 
-def convert_to_hf(workdir: str, out: str, step: int | None = None) -> None:
+def convert_to_hf(workdir: paths.PathLike, out: paths.PathLike, step: int | None = None) -> None:
     model, cfg, tokenizer = inference.load(workdir, step)
     save_pretrained(model, cfg, out, tokenizer)

@@ -7,24 +7,40 @@ single small batch's loss is too noisy for approach 1's envelope.
 """
 
 import csv
+import io
 import json
-import os
 
 import numpy as np
 
 from lmjax import config as config_lib
-from lmjax import flops
+from lmjax import flops, paths
 
 TABLE_KEYS = ("name", "params", "params_non_embedding", "params_kaplan", "flops_per_token",
               "steps", "tokens", "flops", "flops_budget", "tokens_budget", "eval_loss",
               "train_loss", "finished")
 
 
-def load_run(workdir: str, window: int = 5) -> dict:
+def read_rows(workdir: paths.PathLike) -> list[dict]:
+    """A run's metrics.jsonl (local or gs://). A torn last line is what a run killed
+    mid-write leaves (`train` repairs it on resume): dropped, as the run is unfinished; a bad
+    line before it is named."""
+    path = paths.resolve(workdir) / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not a JSON row ({e.msg}).") from None
+    return rows
+
+
+def load_run(workdir: paths.PathLike, window: int = 5) -> dict:
     """One run's record; `curve` holds arrays step, tokens, flops, loss (smoothed train loss)."""
+    workdir = paths.resolve(workdir)
     cfg = config_lib.from_workdir(workdir)  # over base.py: runs older than a key still load
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_rows(workdir)
     if not rows:
         raise ValueError(f"{workdir}/metrics.jsonl has no rows yet.")
     counts = flops.report_dict(cfg)  # one abstract model build for every count
@@ -34,8 +50,8 @@ def load_run(workdir: str, window: int = 5) -> dict:
     evals = [r for r in rows if "eval/loss" in r]
     last = rows[-1]
     return {
-        "name": os.path.basename(os.path.normpath(workdir)),
-        "workdir": workdir,
+        "name": workdir.name,
+        "workdir": str(workdir),
         "params": counts["params"],
         "params_non_embedding": counts["params_non_embedding"],
         "params_kaplan": counts["params_kaplan"],
@@ -54,26 +70,28 @@ def load_run(workdir: str, window: int = 5) -> dict:
     }
 
 
-def collect(root: str, finished_only: bool = True) -> list[dict]:
+def collect(root: paths.PathLike, finished_only: bool = True) -> list[dict]:
     """Every run under `root` (a folder with a config.json and a metrics.jsonl), by name."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"Sweep root {root!r} does not exist.")
+    root = paths.resolve(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Sweep root {str(root)!r} does not exist.")
     runs = []
-    for name in sorted(os.listdir(root)):
-        workdir = os.path.join(root, name)
-        if all(os.path.isfile(os.path.join(workdir, f)) for f in ("config.json", "metrics.jsonl")):
+    for workdir in sorted(root.iterdir()):
+        if all((workdir / f).is_file() for f in ("config.json", "metrics.jsonl")):
             run = load_run(workdir)
             if run["finished"] or not finished_only:
                 runs.append(run)
     if not runs:
-        raise ValueError(f"No finished runs under {root!r} (a run is a folder with config.json "
-                         "and metrics.jsonl whose last step is train.steps).")
+        raise ValueError(f"No finished runs under {str(root)!r} (a run is a folder with "
+                         "config.json and metrics.jsonl whose last step is train.steps).")
     return runs
 
 
-def write_table(runs: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=TABLE_KEYS)
-        writer.writeheader()
-        for run in runs:
-            writer.writerow({k: run[k] for k in TABLE_KEYS})
+def write_table(runs: list[dict], path: paths.PathLike) -> None:
+    """runs.csv, written whole in one call (an object on gs:// is)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=TABLE_KEYS)
+    writer.writeheader()
+    for run in runs:
+        writer.writerow({k: run[k] for k in TABLE_KEYS})
+    paths.resolve(path).write_text(text.getvalue())

@@ -1,4 +1,7 @@
-"""The study's figures, as PNG files (matplotlib, Agg: no display needed)."""
+"""The study's figures, as PNG files (matplotlib, Agg: no display needed), each written whole
+through lmjax/paths.py so that a gs:// folder takes them as a local one does."""
+
+import io
 
 import matplotlib
 
@@ -6,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lmjax import paths  # noqa: E402
 from lmjax.scaling import fit as fit_lib  # noqa: E402
 
 
@@ -15,13 +19,15 @@ def _colors(values) -> dict:
     return {v: cmap(i / max(1, len(unique) - 1)) for i, v in enumerate(unique)}
 
 
-def _save(fig, path: str) -> None:
+def _save(fig, path: paths.PathLike) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()  # matplotlib writes local files only
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    paths.resolve(path).write_bytes(png.getvalue())
 
 
-def loss_vs_flops(runs: list[dict], n_key: str, path: str) -> None:
+def loss_vs_flops(runs: list[dict], n_key: str, path: paths.PathLike) -> None:
     """Training curves (smoothed train loss) against FLOPs, one colour per model size."""
     colors = _colors(r[n_key] for r in runs)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -35,7 +41,7 @@ def loss_vs_flops(runs: list[dict], n_key: str, path: str) -> None:
     _save(fig, path)
 
 
-def isoflop(runs: list[dict], n_key: str, result: dict, path: str) -> None:
+def isoflop(runs: list[dict], n_key: str, result: dict, path: paths.PathLike) -> None:
     """Final loss against N per compute budget, with approach 2's parabolas and minima."""
     budgets = [r["flops_budget"] for r in runs]
     colors = _colors(budgets)
@@ -54,7 +60,7 @@ def isoflop(runs: list[dict], n_key: str, result: dict, path: str) -> None:
     _save(fig, path)
 
 
-def optimal(results: dict, path: str) -> None:
+def optimal(results: dict, path: paths.PathLike) -> None:
     """N_opt and D_opt against C: each approach's points and fitted power laws."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method, marker in (("approach1", "o"), ("approach2", "s")):
@@ -78,7 +84,7 @@ def optimal(results: dict, path: str) -> None:
     _save(fig, path)
 
 
-def kaplan(results: dict, path: str) -> None:
+def kaplan(results: dict, path: paths.PathLike) -> None:
     """Kaplan's L(N), L(D), L(C): the points each law was fitted to and the fitted curve."""
     laws = [(m, results[m]) for m in ("kaplan_n", "kaplan_d", "kaplan_c") if m in results]
     fig, axes = plt.subplots(1, len(laws), figsize=(4 * len(laws), 3.6), squeeze=False)
@@ -93,7 +99,7 @@ def kaplan(results: dict, path: str) -> None:
     _save(fig, path)
 
 
-def residuals(N, D, L, result: dict, path: str) -> None:
+def residuals(N, D, L, result: dict, path: paths.PathLike) -> None:
     """log L - log L_pred of the approach-3 fit against N, coloured by D."""
     resid = np.log(L) - np.log(fit_lib.parametric_loss(N, D, result))
     fig, ax = plt.subplots(figsize=(6, 4))

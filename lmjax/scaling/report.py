@@ -5,13 +5,16 @@ N is non-embedding parameters by default (Kaplan et al. 2020: at small sizes the
 a large, nearly free share of the total and bends the law); `params='total'` uses
 Chinchilla's count, `params='kaplan'` also leaves out the untied unembedding. D is
 tokens seen; C groups runs by their train.flops_budget.
+
+`root` and `out` may be URLs (gs://...): every file is read and written whole through
+lmjax/paths.py.
 """
 
 import json
-import os
 
 import numpy as np
 
+from lmjax import paths
 from lmjax.scaling import collect, fit, plots
 
 # kaplan_n: best final loss per size, L(N); kaplan_d / kaplan_c: the lower envelope of every
@@ -58,10 +61,11 @@ def analyze(root: str, method: str = "all", out: str = "", params: str = "non_em
     if params not in PARAMS:
         raise ValueError(f"--params={params!r} is not one of {tuple(PARAMS)}.")
     runs = collect.collect(root)
-    out = out or os.path.join(root, "fit")
-    os.makedirs(out, exist_ok=True)
+    out = paths.resolve(out) if out else paths.resolve(root) / "fit"
+    out.mkdir(parents=True, exist_ok=True)
     n_key = PARAMS[params]
-    results = {"root": os.path.abspath(root), "params": params, "runs": len(runs), "skipped": {}}
+    results = {"root": str(paths.resolve(root)), "params": params, "runs": len(runs),
+               "skipped": {}}
     for m in METHODS if method == "all" else (method,):
         try:
             results[m] = _fit_one(m, runs, n_key, bootstrap)
@@ -69,20 +73,19 @@ def analyze(root: str, method: str = "all", out: str = "", params: str = "non_em
             if method != "all":
                 raise
             results["skipped"][m] = str(e)
-    collect.write_table(runs, os.path.join(out, "runs.csv"))
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    plots.loss_vs_flops(runs, n_key, os.path.join(out, "loss_vs_flops.png"))
+    collect.write_table(runs, out / "runs.csv")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plots.loss_vs_flops(runs, n_key, out / "loss_vs_flops.png")
     if any(m in results for m in KAPLAN):
-        plots.kaplan(results, os.path.join(out, "kaplan.png"))
+        plots.kaplan(results, out / "kaplan.png")
     if "approach2" in results:
-        plots.isoflop(runs, n_key, results["approach2"], os.path.join(out, "isoflop.png"))
+        plots.isoflop(runs, n_key, results["approach2"], out / "isoflop.png")
     if "approach1" in results or "approach2" in results:
-        plots.optimal(results, os.path.join(out, "optimal.png"))
+        plots.optimal(results, out / "optimal.png")
     if "approach3" in results:
         plots.residuals([r[n_key] for r in runs], [r["tokens"] for r in runs],
                         [r["eval_loss"] for r in runs], results["approach3"],
-                        os.path.join(out, "residuals.png"))
+                        out / "residuals.png")
     return results
 
 

@@ -8,19 +8,26 @@ command a person would type, so any member can be rerun or debugged by hand.
 
 Re-running is always safe: a member whose final checkpoint exists is skipped without starting
 a process, and an unfinished one is resumed by `lmjax train` from its last checkpoint.
+
+The root may be a URL (gs://BUCKET/sweep, what a TPU pod's hosts share): every workdir is read
+through lmjax/paths.py and handed to `lmjax train` as the URL itself.
 """
 
 import dataclasses
-import json
-import os
+import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
+from etils import epath
+
+from lmjax import checkpoint, paths, validate
 from lmjax import config as config_lib
-from lmjax import validate
+from lmjax.scaling import collect
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +51,26 @@ def _name(overrides: dict) -> str:
 def load(path: str) -> list[Member]:
     """The members of a sweep file, each config loaded (so a bad key fails here, naming the
     member, before anything trains)."""
-    if not os.path.isfile(path):
+    if not paths.resolve(path).is_file():
         raise FileNotFoundError(f"Sweep file {path!r} does not exist.")
-    module = config_lib.import_file(path)
+    try:
+        module = config_lib.import_file(path)
+    except SyntaxError as e:
+        raise ValueError(f"Sweep file {path!r} has a syntax error on line {e.lineno}: "
+                         f"{e.msg}.") from None
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"Sweep file {path!r} has no get_sweep() returning override dicts.")
     sweep = module.get_sweep()
+    given = list(sweep.values()) if isinstance(sweep, dict) else sweep
+    if not (isinstance(given, list | tuple) and given and all(isinstance(o, dict) for o in given)):
+        raise ValueError(f"Sweep file {path!r}: get_sweep() must return a non-empty list of "
+                         "{'a.b': value} dicts, or a dict {name: such a dict}.")
     named = sweep.items() if isinstance(sweep, dict) else [(_name(o), o) for o in sweep]
     members = []
     for name, overrides in named:
+        if not re.fullmatch(r"[\w.=,+-]+", str(name)) or name in (".", ".."):
+            raise ValueError(f"Sweep member name {name!r} is not a folder name (letters, "
+                             "digits and _.=,+- only).")
         try:
             cfg = validate.load(path, [f"{k}={_text(v)}" for k, v in overrides.items()])
         except (KeyError, ValueError) as e:
@@ -66,10 +84,15 @@ def load(path: str) -> list[Member]:
     return members
 
 
+def workdir_of(root: str, name: str) -> str:
+    """A member's workdir: a URL kept whole (gs://b/sweep/name), a local path made absolute."""
+    return str(paths.resolve(root) / name)
+
+
 def is_finished(workdir: str, steps: int) -> bool:
-    """The final step's checkpoint exists (Orbax renames a step's folder into place only once
-    it is written whole, and `train` saves the last step after logging it)."""
-    return os.path.isdir(os.path.join(workdir, "checkpoints", str(steps)))
+    """The final step's checkpoint is complete (`train` saves the last step after logging
+    it)."""
+    return checkpoint.is_complete(workdir, steps)
 
 
 def train_command(path: str, workdir: str, member: Member) -> list[str]:
@@ -90,9 +113,27 @@ def _shell(command: list[str]) -> str:
 
 
 def _final_loss(workdir: str) -> str:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        evals = [row["eval/loss"] for row in map(json.loads, f) if "eval/loss" in row]
+    if not (paths.resolve(workdir) / "metrics.jsonl").is_file():
+        return ""
+    evals = [row["eval/loss"] for row in collect.read_rows(workdir) if "eval/loss" in row]
     return f", eval/loss {evals[-1]:.4f}" if evals else ""
+
+
+def _log_file(workdir: epath.Path, local_logs: pathlib.Path | None) -> epath.Path:
+    """Where a member's output goes: locally its workdir's train.log, appended as it runs (tail
+    -f works). An object store has no append, so for a URL root a local file, started with what
+    earlier attempts left in train.log, that _upload_log writes back whole when the member
+    ends or is stopped."""
+    if local_logs is None:
+        return workdir / "train.log"
+    local, remote = epath.Path(local_logs) / f"{workdir.name}.log", workdir / "train.log"
+    local.write_bytes(remote.read_bytes() if remote.exists() else b"")
+    return local
+
+
+def _upload_log(workdir: epath.Path, local_logs: pathlib.Path | None) -> None:
+    if local_logs is not None:
+        (workdir / "train.log").write_bytes((local_logs / f"{workdir.name}.log").read_bytes())
 
 
 def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
@@ -103,24 +144,27 @@ def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
     if parallel < 1:
         raise ValueError(f"--parallel={parallel} must be at least 1.")
     members = load(path)
-    status = {m.name: "skipped" for m in members
-              if is_finished(os.path.join(root, m.name), m.steps)}
+    status = {m.name: "skipped" for m in members if is_finished(workdir_of(root, m.name), m.steps)}
     queue = [m for m in members if m.name not in status]
     log(f"sweep {path}: {len(members)} members, {len(status)} finished, {len(queue)} to train")
     if dry_run:
         for m in queue:
-            log(_shell(train_command(path, os.path.join(root, m.name), m)))
+            log(_shell(train_command(path, workdir_of(root, m.name), m)))
         return status
+    local_logs = None
+    if paths.is_url(root) and queue:
+        local_logs = pathlib.Path(tempfile.mkdtemp(prefix="lmjax-sweep-logs-"))
+        log(f"members' output: {local_logs}/NAME.log, uploaded to their train.log at the end")
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # -> KeyboardInterrupt
     try:
         while queue or running:
             while queue and len(running) < parallel:
                 m = queue.pop(0)
-                workdir = os.path.join(root, m.name)
-                os.makedirs(workdir, exist_ok=True)
-                with open(os.path.join(workdir, "train.log"), "a") as out:
-                    proc = subprocess.Popen(train_command(path, workdir, m), stdout=out,
+                workdir = paths.resolve(workdir_of(root, m.name))
+                workdir.mkdir(parents=True, exist_ok=True)
+                with _log_file(workdir, local_logs).open("a") as out:
+                    proc = subprocess.Popen(train_command(path, str(workdir), m), stdout=out,
                                             stderr=subprocess.STDOUT, env=env)
                 running[m.name] = (proc, time.perf_counter())
                 log(f"  start {m.name}")
@@ -130,9 +174,10 @@ def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
                     continue
                 del running[name]
                 status[name] = "done" if proc.returncode == 0 else "failed"
-                workdir = os.path.join(root, name)
-                detail = (_final_loss(workdir) if proc.returncode == 0 else
-                          f", exit {proc.returncode}: see {os.path.join(workdir, 'train.log')}")
+                workdir = paths.resolve(workdir_of(root, name))
+                _upload_log(workdir, local_logs)
+                detail = (_final_loss(str(workdir)) if proc.returncode == 0 else
+                          f", exit {proc.returncode}: see {workdir / 'train.log'}")
                 finished = sum(s != "failed" for s in status.values())
                 log(f"  [{finished}/{len(members)} finished, {len(running)} running] "
                     f"{status[name]} {name} in {time.perf_counter() - start:.0f}s{detail}")
@@ -143,12 +188,15 @@ def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
     finally:
         for proc, _ in running.values():  # interrupted: stop members, they resume next time
             proc.terminate()
-        for proc, _ in running.values():
+        for name, (proc, _) in running.items():
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            _upload_log(paths.resolve(workdir_of(root, name)), local_logs)
         signal.signal(signal.SIGTERM, previous)
+        if local_logs is not None:
+            shutil.rmtree(local_logs)  # a temporary folder; every log is in its workdir now
     return status
 
 
@@ -156,16 +204,15 @@ def run_tpu(path: str, root: str, tpu: str, dry_run: bool = False, log=print) ->
     """Hand each unfinished member to launch/tpu_pod.py, one after another (a pod trains one
     member at a time). `root` must be visible from the pod (gs://) for skips to be seen."""
     members = load(path)
-    status = {m.name: "skipped" for m in members
-              if is_finished(os.path.join(root, m.name), m.steps)}
+    status = {m.name: "skipped" for m in members if is_finished(workdir_of(root, m.name), m.steps)}
     for m in members:
         if m.name in status:
             continue
-        command = tpu_command(path, os.path.join(root, m.name), m, tpu)
+        command = tpu_command(path, workdir_of(root, m.name), m, tpu)
         log(_shell(command))
         if dry_run:
             continue
-        if not os.path.isfile("launch/tpu_pod.py"):
+        if not pathlib.Path("launch/tpu_pod.py").is_file():  # this checkout's, not a user's
             raise FileNotFoundError("launch/tpu_pod.py does not exist; run from the repository "
                                     "root (or use --dry_run to print the commands).")
         status[m.name] = "done" if subprocess.run(command).returncode == 0 else "failed"

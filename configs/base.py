@@ -3,7 +3,7 @@
     lmjax train --config=configs/base.py --workdir=/tmp/base
 
 Groups: model (architecture), data (what is fed), mesh (how devices are laid out), optim
-(AdamW + schedule), train (loop lengths and cadences), checkpoint. No other file may invent a
+(optimizer + schedule), train (loop lengths and cadences), checkpoint. No other file may invent a
 default: code reads `cfg.a.b` directly, so a missing key is a bug, not a silent fallback.
 """
 
@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.head_dim = 64  # H: per-head width (not forced to D / N, as in LLaMA/Gemma)
     m.mlp_dim = 1024  # F: hidden width of the MLP
     m.mlp = "swiglu"  # 'swiglu' (LLaMA: silu(xW1) * xW3 -> W2) | 'gelu' (GPT-2: gelu(xW1) -> W2)
+    # | 'geglu' (Gemma: gelu(xW1) * xW3 -> W2, tanh-approximated GELU)
     m.norm = "rms"  # 'rms' (LLaMA) | 'layer' (GPT-2)
     m.norm_eps = 1e-6
     m.position = "rope"  # 'rope' | 'learned' (GPT-2) | 'sinusoidal' (Vaswani) | 'none'
@@ -38,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.max_len = 256  # longest sequence the position table supports (learned/sinusoidal)
     m.use_bias = False  # biases on every dense layer and norm (GPT-2 has them)
     m.tie_embeddings = False  # unembedding = embedding^T (GPT-2)
+    m.embed_scale = False  # multiply the embeddings by sqrt(d_model) (Gemma)
     m.qk_norm = False  # RMS-normalise queries and keys per head (OLMo 2, Gemma 3)
     m.dropout = 0.0  # on attention output, MLP output and embeddings (GPT-2 used 0.1)
     m.init_std = 0.02  # normal init for every weight matrix (GPT-2 / nanoGPT)
@@ -60,9 +62,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
-    # 'text' (UTF-8 files, local or gs://) | 'tfds' (a prepared TFDS dataset) | 'synthetic'
+    # 'text' (UTF-8 files, local or gs://) | 'jsonl' | 'parquet' | 'hf' (a datasets save_to_disk
+    # folder) (lmjax/data/records.py) | 'tfds' (a prepared TFDS dataset) | 'synthetic'
     d.source = "text"
-    d.text = "shakespeare"  # a text shipped in lmjax/data/text, or a glob or folder (or gs://)
+    # a text shipped in lmjax/data/text, or a glob or folder (or gs://) of files of data.source
+    d.text = "shakespeare"
+    d.text_field = "text"  # jsonl/parquet/hf: the field holding each record's document
     d.tokenizer = "shakespeare_bpe2048"  # shipped model name, or a path to a SentencePiece .model
     d.seq_len = 256  # L: tokens per training example (the model sees L inputs, predicts L targets)
     d.global_batch_size = 32  # B: sequences per optimizer step, over all hosts and devices
@@ -101,6 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- optim
     o = c.optim = ml_collections.ConfigDict()
+    # 'adamw' | 'muon' (hidden matrices; AdamW for the rest) | 'lion' | 'adafactor' (optim.py)
+    o.name = "adamw"
     o.lr = 3e-3  # peak learning rate
     o.schedule = "cosine"  # after warmup: 'cosine' | 'linear' | 'constant' | 'rsqrt' | 'wsd'
     o.warmup_steps = 100  # linear warmup from 0 to lr
@@ -109,6 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.b1 = 0.9
     o.b2 = 0.95
     o.eps = 1e-8
+    o.muon_momentum = 0.95  # Muon's Nesterov momentum (Jordan 2024; Liu et al. 2025)
     o.weight_decay = 0.1  # decoupled (AdamW), applied to matrices only
     o.decay_embeddings = False  # also decay embedding tables (norms and biases never decay)
     o.clip_norm = 1.0  # global gradient-norm clip; 0 disables
@@ -124,6 +132,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.flops_convention = "project"
     t.grad_accum = 1  # micro-batches per step, accumulated inside the jitted step
     t.log_every = 10  # steps between metrics.jsonl rows and progress-bar refreshes
+    # where rows go, comma-separated: 'jsonl' (metrics.jsonl, always: resume, sweeps and fits
+    # read it) plus 'tensorboard' (WORKDIR/tensorboard) and 'wandb' (the [wandb] extra;
+    # WANDB_MODE=offline writes WORKDIR/wandb for a later `wandb sync`)
+    t.loggers = "tensorboard,jsonl"
+    t.wandb_project = "lmjax"
+    t.wandb_entity = ""  # '' = the W&B account's default entity
     t.eval_every = 200  # steps between held-out evaluations (0 = only at the end)
     t.eval_batches = 8  # batches of the held-out split per evaluation
     t.on_nonfinite = "stop"  # NaN/Inf loss or grad norm: 'stop' the run | 'skip' the update

@@ -118,6 +118,9 @@ def set_value(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
     *parents, leaf = dotted.split(".")
     node = cfg
     for depth, part in enumerate(parents + [leaf]):
+        if not isinstance(node, ml_collections.ConfigDict):  # `seed.x`: seed holds a value
+            raise KeyError(f"Unknown config key {dotted!r}: {'.'.join(parents[:depth])} is a "
+                           f"value, not a group of keys.")
         if part not in node:
             known = [".".join(parents[:depth] + [k]) for k in node.keys()]
             guess = difflib.get_close_matches(dotted, known, n=1)
@@ -126,6 +129,9 @@ def set_value(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
         if part != leaf:
             node = node[part]
     old = node[leaf]
+    if isinstance(old, ml_collections.ConfigDict):
+        raise ValueError(f"Config key {dotted!r} is a group of keys; set one of them "
+                         f"({dotted}.{next(iter(old.keys()), 'KEY')}=...).")
     node[leaf] = _parse(dotted, old, text)
 
 
@@ -160,7 +166,7 @@ def check_choices(cfg: ml_collections.ConfigDict, choices: dict[str, tuple]) -> 
 RETIRED = {"model": ("weight_grad",)}  # a CPU matmul layout, now lmjax/backends/cpu.py's choice
 
 
-# Keys a resumed run may change: lengths, cadences, layout and kernels. Everything else
+# Keys a resumed run may change: lengths, cadences, layout, kernels, loggers. Everything else
 # (model, data, optimizer, seed) changes what the checkpoint means, so resuming with it is
 # refused unless forced. train.steps may grow: the schedule is recomputed for the new length.
 RESUMABLE = ("train.steps", "train.tokens_budget", "train.flops_budget", "train.log_every",
@@ -185,13 +191,18 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def resume_conflicts(saved_path: str | os.PathLike, cfg: ml_collections.ConfigDict
                      ) -> list[str]:
     """The keys (sorted) whose value differs between a workdir's config.json and `cfg`, leaving
-    out those in RESUMABLE; a key present on one side only counts as differing."""
+    out those in RESUMABLE. A key the workdir lacks (lmjax gained it later) reads its default
+    of configs/base.py, as from_workdir reads it, so a new key at its default resumes an old
+    run; a key only the workdir has counts as differing."""
     try:
         saved = _flat(json.loads(epath.Path(saved_path).read_text()))
     except json.JSONDecodeError:
         raise ValueError(f"{saved_path} is not valid JSON; it is not a workdir lmjax wrote "
                          f"(use another --workdir).") from None
     new = _flat(json.loads(cfg.to_json()))
+    defaults = {**_flat(json.loads(load(BASE).to_json())),
+                "model.scan_layers": False}  # written before scan: unrolled checkpoints
+    saved = {**{k: defaults[k] for k in new.keys() - saved.keys() if k in defaults}, **saved}
     retired = {f"{group}.{key}" for group, keys in RETIRED.items() for key in keys}
     return sorted(k for k in saved.keys() | new.keys()
                   if saved.get(k, "<absent>") != new.get(k, "<absent>")

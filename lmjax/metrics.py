@@ -1,4 +1,5 @@
-"""Where numbers go: metrics.jsonl (the record every tool reads), TensorBoard, and the MFU peak.
+"""Where numbers go: metrics.jsonl (the record every tool reads), TensorBoard, Weights & Biases,
+and the MFU peak.
 
 MFU needs a peak. Accelerators use their datasheet's dense bf16 figure (chips.py); a CPU has no
 honest datasheet figure, so its peak is measured: the rate of a jitted float32 matmul in this
@@ -6,18 +7,44 @@ process.
 """
 
 import errno
+import importlib.util
 import io
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+import lmjax
 from lmjax import chips, paths
+
+# train.loggers' names. metrics.jsonl cannot be turned off: resume truncates it, and sweeps,
+# collect and fits read it, so a run without it would be lost to every tool downstream.
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+DEFAULT_LOGGERS = "tensorboard,jsonl"
+
+
+def loggers(value: str) -> tuple[str, ...]:
+    """train.loggers as names, checked: one sentence for a name that is not a logger, a list
+    without 'jsonl', or 'wandb' without the wandb package (validate calls this before compiling)."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    for name in names:
+        if name not in LOGGERS:
+            raise ValueError(f"train.loggers={value!r} names {name!r}, which is not one of "
+                             f"{LOGGERS}.")
+    if "jsonl" not in names:
+        raise ValueError(f"train.loggers={value!r} leaves out 'jsonl': metrics.jsonl is the run's "
+                         f"record (resume, sweeps and fits read it), so it is always written.")
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise ValueError("train.loggers asks for 'wandb', but the wandb package is not installed: "
+                         "pip install 'lmjax[wandb]' (the [wandb] extra).")
+    return names
 
 
 def measured_matmul_flops(n: int = 1024, seconds: float = 0.5, min_repeats: int = 10) -> float:
@@ -53,7 +80,7 @@ def peak_chips(devices: list) -> int:
 
 
 class Writer:
-    """metrics.jsonl plus TensorBoard, written by process 0 only.
+    """metrics.jsonl, plus TensorBoard and W&B as train.loggers asks, written by process 0 only.
 
     On resume, rows past the restored step are dropped: they came from steps that are about to
     be run again, and a step must never appear twice.
@@ -68,12 +95,17 @@ class Writer:
     made durable (fsync) by `flush()`, before every checkpoint: so a row torn by a crash (the
     machine's, mid-write) can only be the last, past the newest checkpoint. On resume it is
     dropped with a warning, and its step is logged again.
+
+    `cfg` (a run's config) picks the loggers and holds W&B's settings; without it, the default.
     """
 
-    def __init__(self, workdir: str, resume_step: int = 0, upload_every: float = 30.0):
+    def __init__(self, workdir: str, resume_step: int = 0, upload_every: float = 30.0,
+                 cfg: ml_collections.ConfigDict | None = None):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
+        names = loggers(cfg.train.loggers if cfg is not None else DEFAULT_LOGGERS)
+        self.tb = self.tb_dir = self.wandb = None
         root = paths.resolve(workdir)
         self.path, self.remote = root / "metrics.jsonl", paths.is_url(root)
         kept = []
@@ -85,15 +117,20 @@ class Writer:
                 aside.replace(self.path)
         if self.remote:
             self.rows, self.upload_every = kept, upload_every
-            self.tb_dir = tempfile.mkdtemp(prefix="lmjax-tensorboard-")
+            if "tensorboard" in names:
+                self.tb_dir = tempfile.mkdtemp(prefix="lmjax-tensorboard-")
             self.tb_remote = root / "tensorboard"
             self.flush_files()
         else:
             self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
-            self.tb_dir = str(root / "tensorboard")
-        from tensorboardX import SummaryWriter
+            if "tensorboard" in names:
+                self.tb_dir = str(root / "tensorboard")
+        if self.tb_dir is not None:
+            from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
+            self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
+        if "wandb" in names:
+            self.wandb = WandbRun(cfg, root, resume_step)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -103,9 +140,12 @@ class Writer:
             self.rows.append(json.dumps(row) + "\n")
         else:
             self._append((json.dumps(row) + "\n").encode())
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for key, value in scalars.items():
                 self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.run.log(scalars, step=int(step))
         if self.remote and time.monotonic() - self.flushed >= self.upload_every:
             self.flush()
 
@@ -125,27 +165,102 @@ class Writer:
         if not self.enabled:
             return
         if self.remote:
-            self.tb.flush()
+            if self.tb is not None:
+                self.tb.flush()
             self.flush_files()
         else:
             os.fsync(self.file.fileno())
 
     def flush_files(self) -> None:
         self.path.write_text("".join(self.rows))
-        paths.upload_tree(self.tb_dir, self.tb_remote)
+        if self.tb_dir is not None:
+            paths.upload_tree(self.tb_dir, self.tb_remote)
+        if self.wandb is not None:
+            self.wandb.upload()
         self.flushed = time.monotonic()
 
     def close(self, keep: bool = True) -> None:
         """`keep=False`: write nothing more to the workdir (it is another run's now)."""
         if not self.enabled:
             return
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.remote:
             if keep:
                 self.flush_files()
-            shutil.rmtree(self.tb_dir)
+            if self.tb_dir is not None:
+                shutil.rmtree(self.tb_dir)
+            if self.wandb is not None and self.wandb.local is not None:
+                shutil.rmtree(self.wandb.local)
         else:
             self.file.close()
+
+
+class WandbRun:
+    """One W&B run per training run, continued across resumes.
+
+    Its id is drawn once and kept in WORKDIR/wandb.json with the steps each start began at (the
+    run's lineage), so every resume reopens the same run (`resume='allow'`); a start from step
+    0 (no checkpoint yet) draws a new one, since a W&B run refuses steps below its last (so on
+    a resume it keeps the crashed run's rows past the checkpoint, where metrics.jsonl keeps the
+    rerun's: the same numbers, resume being exact, but for timings). An id hashed from the
+    workdir's path would instead change when a workdir is copied (gs:// to a laptop) and be
+    reused by a fresh run in a reused folder.
+
+    W&B's mode is W&B's own (WANDB_MODE=offline logs without network, `wandb sync` uploads
+    later); its folder is WANDB_DIR if set, else the workdir. On a gs:// workdir, W&B writes a
+    local temporary folder that `upload` copies to WORKDIR/wandb with the other files.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, root, resume_step: int):
+        import wandb
+
+        record = root / "wandb.json"
+        saved = _read_json(record) if resume_step else {}
+        run_id, starts = saved.get("id") or secrets.token_hex(4), saved.get("starts", [])
+        starts = [*starts, resume_step]
+        record.write_text(json.dumps({"id": run_id, "starts": starts}) + "\n")
+        self.local, self.remote = None, root / "wandb"
+        folder = None  # WANDB_DIR, read by wandb itself
+        if "WANDB_DIR" not in os.environ:
+            is_url = paths.is_url(root)
+            self.local = tempfile.mkdtemp(prefix="lmjax-wandb-") if is_url else None
+            folder = self.local or str(root)
+        lineage = {"workdir": str(root), "start_step": resume_step, "resumes": len(starts) - 1,
+                   "starts": starts, "lmjax_version": lmjax.__version__,
+                   "process_count": jax.process_count()}
+        try:
+            self.run = wandb.init(project=cfg.train.wandb_project or None,
+                                  entity=cfg.train.wandb_entity or None, id=run_id,
+                                  resume="allow", name=root.name, dir=folder,
+                                  config={**cfg.to_dict(), "lineage": lineage})
+        except wandb.errors.Error as e:  # no API key, no network: before any step has run
+            reason = " ".join(str(e).split())
+            raise ValueError(f"train.loggers has 'wandb', but W&B could not start a run "
+                             f"({reason}); WANDB_MODE=offline logs without network, for a later "
+                             f"`wandb sync`.") from None
+
+    def finish(self) -> None:
+        """Finish the run and wait until its folder is whole: an offline run's `finish` returns
+        before W&B's service has written the .wandb file, which `teardown` waits for."""
+        import wandb
+
+        self.run.finish()
+        wandb.teardown()
+
+    def upload(self) -> None:
+        if self.local is not None:
+            paths.upload_tree(os.path.join(self.local, "wandb"), self.remote)
+
+
+def _read_json(path) -> dict:
+    """A small JSON record, or {} when it is missing or torn (then its run starts afresh)."""
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def _rows_until(path, resume_step: int) -> list[str]:

@@ -1,8 +1,12 @@
-"""A decoder-only transformer in Flax NNX that is GPT-2 or LLaMA by configuration.
+"""A decoder-only transformer in Flax NNX that is GPT-2, LLaMA, Mistral, Qwen3 or Gemma by
+configuration (configs/*.py; lmjax/interop/hf.py maps each to its Hugging Face class).
 
 GPT-2 (Radford et al. 2019): learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
 LLaMA (Touvron et al. 2023): RoPE, RMSNorm, SwiGLU MLP, no biases, untied, grouped-query attention.
-Both are pre-norm: x + f(norm(x)), with a final norm before the unembedding.
+Mistral: LLaMA with a sliding window (model.attention_window). Qwen3: LLaMA with RMSNorm on each
+head's queries and keys (model.qk_norm). Gemma: GeGLU MLP (model.mlp='geglu'), embeddings times
+sqrt(d_model) (model.embed_scale), tied.
+All are pre-norm: x + f(norm(x)), with a final norm before the unembedding.
 
 Parameters carry logical axis names only ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim',
 'mlp', 'length'); lmjax/sharding.py maps them onto mesh axes. Activations are constrained with
@@ -151,13 +155,15 @@ class Mlp(nnx.Module):
                               dot_general=dot_general, rngs=rngs, **_dtypes(cfg))
 
         self.up = dense(D, F, ("embed", "mlp"), std)
-        self.gate = dense(D, F, ("embed", "mlp"), std) if cfg.mlp == "swiglu" else None
+        self.gate = dense(D, F, ("embed", "mlp"), std) if cfg.mlp in GATED else None
         self.down = dense(F, D, ("mlp", "embed"), out_std)
         self.kind = cfg.mlp
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         if self.kind == "swiglu":  # Shazeer 2020: silu(x W_gate) * (x W_up)
             h_BLF = jax.nn.silu(self.gate(x_BLD)) * self.up(x_BLD)
+        elif self.kind == "geglu":  # Gemma: the same gate through tanh-approximated GELU
+            h_BLF = jax.nn.gelu(self.gate(x_BLD), approximate=True) * self.up(x_BLD)
         else:  # GPT-2 uses the tanh approximation of GELU
             h_BLF = jax.nn.gelu(self.up(x_BLD), approximate=True)
         return self.down(sharding.constrain(h_BLF, BLF))
@@ -251,6 +257,8 @@ class Transformer(nnx.Module):
                 positions_BL = jnp.maximum(positions_BL, 0)  # left padding: masked, any position
         # Vocab-parallel under TP: the table is never gathered whole (lmjax/sharding.py).
         x_BLD = sharding.embed_lookup(self.embed.embedding[...], tokens_BL).astype(self.cfg.dtype)
+        if self.cfg.embed_scale:  # Gemma: sqrt(D) rounded to the compute dtype first, as HF does
+            x_BLD = x_BLD * jnp.asarray(math.sqrt(self.cfg.d_model), x_BLD.dtype)
         if self.cfg.position == "learned":
             x_BLD = x_BLD + self.pos_embed(positions_BL)
         elif self.cfg.position == "sinusoidal":
@@ -342,7 +350,8 @@ def forward(model: Transformer, batch: dict, rngs: nnx.Rngs | None = None) -> ja
 
 # What model.mlp, model.norm, model.position and model.parametrization may be; model.remat is
 # 'none' or a REMAT_POLICIES key, model.attention and model.rope_scaling their modules' own.
-MLPS = ("swiglu", "gelu")
+MLPS = ("swiglu", "geglu", "gelu")
+GATED = ("swiglu", "geglu")  # MLPs with a gate matrix beside up and down
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 PARAMETRIZATIONS = ("sp", "mup")

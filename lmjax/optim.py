@@ -1,9 +1,20 @@
-"""The optimizer: global-norm clipping, then AdamW with a weight-decay mask, on a schedule.
+"""The optimizer: global-norm clipping, then `optim.name`'s update with a weight-decay mask, on
+a schedule.
 
 Everything is an optax building block; this file only chooses and wires them. Weight decay
 applies to matrices only: decaying norm scales and biases pulls them towards zero for no
 benefit (the GPT-3/nanoGPT practice), and embeddings are excluded unless configured because
-their rows see few gradient updates each.
+their rows see few gradient updates each. Every optimizer adds its decay before the learning
+rate, so the step is -lr (update + wd p) whichever is chosen, and μP's per-role factor scales
+both (mup.py).
+
+optim.name  update (optax)                                      state per parameter
+adamw       Adam (Loshchilov & Hutter 2019)                     2 copies
+muon        orthogonalized momentum on hidden matrices          1 copy; 2 for AdamW's leaves
+            (Jordan 2024), AdamW on embeddings, unembedding,
+            norms and biases
+lion        sign of interpolated momentum (Chen et al. 2023)    1 copy
+adafactor   factored second moment (Shazeer & Stern 2018)       a row and a column per matrix
 """
 
 from collections.abc import Callable
@@ -11,16 +22,32 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import optax
+from flax import nnx
 
-from lmjax import config
+from lmjax import config, mup
 
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "wsd")
+NAMES = ("adamw", "muon", "lion", "adafactor")
+
+# Muon's view of each hidden kernel as the matrix its layer multiplies by: (reduction axes,
+# output axes), counted from the end so that scanned layers' leading axis is a batch axis.
+# q/k/v [D, N, H] are D x NH (einsum BLD,DNH->BLNH); o [N, H, D] is NH x D; MLP kernels 2-D.
+MUON_AXES = {**{m: (-3, (-2, -1)) for m in ("q", "k", "v")}, "o": ((-3, -2), -1),
+             **{m: (-2, -1) for m in ("up", "gate", "down")}}
+# Moonlight's matched update RMS (Liu et al. 2025, arXiv 2502.16982, sec. 2.2): each
+# orthogonalized update x 0.2 sqrt(max(fan_in, fan_out)) has AdamW's typical RMS, so Muon's
+# matrices and AdamW's other leaves share optim.lr, optim.weight_decay and the schedule.
+MUON_RMS = 0.2
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """optim.schedule (its numbers, the warmup within train.steps included, are in
-    validate.RANGES)."""
-    config.check_choices(cfg, {"optim.schedule": SCHEDULES})
+    """optim.schedule and optim.name, and μP only where its Adam table holds (its numbers, the
+    warmup within train.steps included, are in validate.RANGES)."""
+    config.check_choices(cfg, {"optim.schedule": SCHEDULES, "optim.name": NAMES})
+    if cfg.optim.name == "muon" and cfg.model.parametrization == "mup":
+        raise ValueError("optim.name='muon' cannot run under model.parametrization='mup': μP's "
+                         "learning rates (lmjax/mup.py) are Adam's, and Muon's orthogonalized "
+                         "updates already scale with each matrix's shape; use 'sp'.")
 
 
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -61,23 +88,141 @@ def decay_mask(params, decay_embeddings: bool):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def muon_labels(params):
+    """'muon' for the hidden matrices (mup.role 'hidden': attention q/k/v/o, MLP kernels),
+    'adamw' for embeddings, the unembedding, norms and biases (Jordan 2024: Muon is for the
+    hidden layers; the input and output layers want Adam)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "muon" if mup.role(path) == "hidden" else "adamw", params)
+
+
+def muon_dimension_numbers(params):
+    """optax's MuonDimensionNumbers for each leaf Muon updates (MUON_AXES by module name)."""
+    def dims(path, leaf):
+        if isinstance(leaf, optax.MaskedNode):  # an AdamW leaf, masked out of Muon's branch
+            return leaf
+        reduction, output = MUON_AXES[_module(path)]
+        return optax.contrib.MuonDimensionNumbers(reduction, output)
+
+    return jax.tree_util.tree_map_with_path(
+        dims, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def _module(path) -> str:
+    """The module that owns a leaf ('q', 'up', ...): optax's init sees nnx Variables, whose
+    paths end in 'value', its update plain arrays."""
+    names = jax.tree_util.keystr(path, simple=True, separator="/").split("/")
+    return names[-3] if names[-1] == "value" else names[-2]
+
+
+def _adamw(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       mask=lambda params: decay_mask(params, cfg.decay_embeddings))
+
+
+def _muon(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+    """optax.contrib.muon on the hidden matrices, this file's AdamW on the rest.
+
+    The split is ours, not optax.contrib.muon's own Adam branch: that one decays every leaf it
+    holds (norms and biases too) and uses Nesterov momentum, so AdamW's leaves would not train
+    as under optim.name='adamw'. Inside, Muon's Adam branch holds no leaf (a step count only)."""
+    muon = optax.contrib.muon(
+        lr, beta=cfg.muon_momentum, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        weight_decay_mask=lambda params: decay_mask(params, cfg.decay_embeddings),
+        muon_weight_dimension_numbers=muon_dimension_numbers, consistent_rms=MUON_RMS)
+    return _bare_masked_nodes(
+        optax.partition({"muon": muon, "adamw": _adamw(cfg, lr)}, muon_labels))
+
+
+def _bare_masked_nodes(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` whose state holds optax's MaskedNode (the leaves a partition's branch does not
+    own) as itself, not wrapped in the parameter's nnx Variable: a MaskedNode has no array in
+    it, so nnx.Optimizer could give it neither a shape nor a sharding."""
+
+    def init(params):
+        return jax.tree.map(
+            lambda x: x.get_value() if isinstance(x, nnx.Variable)
+            and isinstance(x.get_value(), optax.MaskedNode) else x,
+            tx.init(params), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    return optax.GradientTransformationExtraArgs(init, tx.update)
+
+
+def _adafactor(cfg: ml_collections.ConfigDict,
+               lr: optax.Schedule) -> optax.GradientTransformation:
+    """optax.adafactor with optax's defaults (update clipping at RMS 1, second-moment decay
+    1 - t^-0.8, no momentum), but a learning rate in AdamW's units: no multiplying by each
+    parameter's RMS (T5's relative step), and the decay inside -lr (u + wd p), as adamw has it
+    (optax.adafactor alone adds wd p after the learning rate)."""
+    factored = optax.adafactor(
+        learning_rate=None, multiply_by_parameter_scale=False, weight_decay_rate=cfg.weight_decay,
+        weight_decay_mask=lambda params: decay_mask(params, cfg.decay_embeddings))
+    return optax.chain(_named_statistics(factored), optax.scale_by_learning_rate(lr,
+                                                                                 flip_sign=False))
+
+
+def _named_statistics(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` (Adafactor) whose second-moment statistics carry logical axis names that fit them.
+
+    nnx.Optimizer gives every state leaf its parameter's names, but Adafactor's row and column
+    statistics drop one axis of the parameter, and a factored parameter's `v` (or an unfactored
+    one's v_row and v_col) is a [1] placeholder: those names would not fit their shapes, and the
+    state could not be sharded at all. A statistic keeps the names of the axes it kept (so it
+    is split as its parameter is, e.g. over 'fsdp'); a placeholder is replicated."""
+
+    def init(params):
+        factored, *rest = tx.init(params)  # optax.adafactor's chain: its FactoredState first
+
+        def fit(stats):
+            return jax.tree.map(_fitted_names, stats, params,
+                                is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+        return (factored._replace(v_row=fit(factored.v_row), v_col=fit(factored.v_col),
+                                  v=fit(factored.v)), *rest)
+
+    return optax.GradientTransformationExtraArgs(init, tx.update)
+
+
+def _fitted_names(stat, param):
+    if not isinstance(stat, nnx.Variable):  # plain arrays (outside nnx): nothing to fit
+        return stat
+    names = stat.get_metadata().get("out_sharding")
+    shape, full = tuple(stat.shape), tuple(param.shape)
+    if names is None or shape == full:
+        return stat
+    for axis in range(len(full)):  # the axis a row or column statistic averaged over
+        if full[:axis] + full[axis + 1:] == shape:
+            return stat.replace(out_sharding=names[:axis] + names[axis + 1:])
+    return stat.replace(out_sharding=None)  # a [1] placeholder: replicated
+
+
 def make(cfg: ml_collections.ConfigDict, total_steps: int,
          lr_scales: dict[str, float] | None = None,
          lr_labels: Callable | None = None) -> optax.GradientTransformation:
-    """clip -> AdamW -> schedule; `lr_scales` (label -> factor, with `lr_labels(params)` naming
-    each leaf's label) gives parameters their own learning rate, as μP needs (lmjax/mup.py).
+    """clip -> optim.name's update -> schedule; `lr_scales` (label -> factor, with
+    `lr_labels(params)` naming each leaf's label) gives parameters their own learning rate, as
+    μP needs (lmjax/mup.py).
 
-    The factor scales AdamW's whole update, -lr (adam + wd p), so a parameter's decoupled
-    weight decay moves with its learning rate, as torch's AdamW (and the mup package) do.
+    The factor scales the optimizer's whole update, -lr (update + wd p), so a parameter's
+    decoupled weight decay moves with its learning rate, as torch's AdamW (and the mup package)
+    do.
     """
-    adamw = optax.adamw(
-        schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        mask=lambda params: decay_mask(params, cfg.decay_embeddings))
+    lr = schedule(cfg, total_steps)
+    if cfg.name == "adamw":
+        tx = _adamw(cfg, lr)
+    elif cfg.name == "muon":
+        tx = _muon(cfg, lr)
+    elif cfg.name == "lion":  # Chen et al. 2023 use b1=0.9, b2=0.99 (0.95, 0.98 for LMs)
+        tx = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                        mask=lambda params: decay_mask(params, cfg.decay_embeddings))
+    elif cfg.name == "adafactor":
+        tx = _adafactor(cfg, lr)
+    else:
+        raise ValueError(f"optim.name={cfg.name!r} is unknown; choose one of {NAMES}.")
     if lr_scales is not None:
         per_label = optax.multi_transform(
             {label: optax.scale(factor) for label, factor in lr_scales.items()}, lr_labels)
-        adamw = optax.chain(adamw, per_label)
+        tx = optax.chain(tx, per_label)
     if cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return tx

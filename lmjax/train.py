@@ -311,7 +311,7 @@ class _Log:
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, mesh, start: int):
         self.cfg, self.last = cfg, {}
-        self.writer = metrics.Writer(workdir, resume_step=start)
+        self.writer = metrics.Writer(workdir, resume_step=start, cfg=cfg)
         self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         seq_len = cfg.data.seq_len
         self.flops_per_token = flops.flops_per_token(cfg.model, seq_len)  # MFU: the project's

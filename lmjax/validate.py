@@ -14,7 +14,7 @@ import math
 
 import ml_collections
 
-from lmjax import config, flops, model, optim, sharding
+from lmjax import config, flops, metrics, model, optim, sharding
 from lmjax.data import pipeline
 
 ON_NONFINITE = ("stop", "skip")  # what train.py does with a step whose loss or norm is not finite
@@ -111,6 +111,7 @@ RANGES = {
     "optim.b1": FRACTION,
     "optim.b2": FRACTION,
     "optim.eps": above(0),
+    "optim.muon_momentum": FRACTION,
     "optim.weight_decay": Range(0),
     "optim.clip_norm": Range(0, note="0 = off"),
     "optim.z_loss": Range(0),
@@ -169,6 +170,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...
 def _validate_run(cfg: ml_collections.ConfigDict) -> None:
     config.check_choices(cfg, {"train.on_nonfinite": ON_NONFINITE,
                                "train.flops_convention": flops.CONVENTIONS})
+    metrics.loggers(cfg.train.loggers)
     steps = budget_steps(cfg)
     if steps is not None and steps != cfg.train.steps:
         raise ValueError(f"train.steps={cfg.train.steps} disagrees with the budget, which gives "

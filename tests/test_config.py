@@ -1,4 +1,5 @@
 import ast
+import json
 import math
 import os
 import re
@@ -246,3 +247,27 @@ def test_a_non_editable_install_ships_configs(tmp_path):
     base, tiny_width, llama_kv_heads = out.stdout.split()
     assert base == str(site / "lmjax" / "configs" / "base.py")
     assert (tiny_width, llama_kv_heads) == ("128", "2")
+
+
+def test_a_workdir_from_before_a_new_key_resumes_when_the_key_is_at_its_default(tmp_path):
+    """Keys lmjax gained later (optim.name, train.lease_timeout, ...) read their base default
+    from an old config.json; set to something else, they are a change like any other."""
+    from configs import smoke
+
+    cfg = smoke.get_config()
+    old = json.loads(cfg.to_json())
+    del old["optim"]["name"], old["model"]["embed_scale"]  # as a workdir from before them
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert config.resume_conflicts(path, cfg) == []
+    cfg.optim.name = "lion"
+    assert config.resume_conflicts(path, cfg) == ["optim.name"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train=0", "Config key 'train' is a group of keys; set one of them (train."),
+    ("seed.x=1", "Unknown config key 'seed.x': seed is a value, not a group of keys."),
+])
+def test_an_override_of_a_group_or_below_a_value_is_one_sentence(override, message):
+    with pytest.raises((ValueError, KeyError), match=re.escape(message)):
+        config.load(SMOKE, [override])

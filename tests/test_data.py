@@ -242,5 +242,5 @@ def test_eval_split_too_small():
 
 
 def test_unknown_source():
-    with pytest.raises(ValueError, match="data.source='parquet' is unknown"):
-        pipeline.build(make_cfg(source="parquet"))
+    with pytest.raises(ValueError, match="data.source='csv' is unknown"):
+        pipeline.build(make_cfg(source="csv"))

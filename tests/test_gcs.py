@@ -4,7 +4,6 @@ local folder named `gs:` (what os.path.abspath makes of gs://bucket/run)."""
 
 import json
 import os
-import signal
 import tempfile
 
 import numpy as np
@@ -15,10 +14,6 @@ from configs import smoke
 from lmjax import checkpoint, evaluate, paths, train
 from lmjax.metrics import Writer
 from tests.test_reliability import (
-    ROOT,
-    assert_rows_match,
-    run_train,
-    subprocess_env,
     without_timing,
 )
 
@@ -90,24 +85,6 @@ def test_train_and_eval_on_a_gs_workdir(bucket, smoke_workdir, monkeypatch, tmp_
     on_gcs, on_disk = evaluate.evaluate(workdir), evaluate.evaluate(smoke_workdir)
     assert on_gcs == on_disk and on_gcs["step"] == 6
     assert_no_local_gs(tmp_path)
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_on_a_gs_workdir_is_bitwise_exact(bucket, tmp_path):
-    env = subprocess_env(str(tmp_path / "xla_cache"))  # carries the emulator's variables
-    code, log = run_train(tmp_path / "local", env)
-    assert code == 0, log[-3000:]
-    baseline = {r["step"]: without_timing(r) for r in rows(tmp_path / "local")}
-
-    workdir = f"{bucket}/resume"
-    code, log = run_train(workdir, env, "step:10")  # killed after step 10; saved at 4 and 8
-    assert code == -signal.SIGKILL, log[-3000:]
-    assert [r["step"] for r in rows(workdir)] == list(range(1, 9))  # flushed before each save
-    code, log = run_train(workdir, env)
-    assert code == 0, log[-3000:]
-    assert_rows_match(rows(workdir), baseline)
-    assert [r["step"] for r in rows(workdir)] == sorted(baseline)
-    assert_no_local_gs(tmp_path, ROOT)  # the subprocesses' cwd
 
 
 def test_a_corrupt_step_on_a_bucket_is_set_aside(bucket):

@@ -154,8 +154,8 @@ def test_unreadable_files_name_the_file_and_the_cause(checkpoints, tmp_path):
 
 def test_export_refuses_models_without_an_hf_twin(checkpoints):
     _, cfg = hf.from_pretrained(checkpoints["llama"][0])
-    cfg.model.qk_norm = True
-    with pytest.raises(ValueError, match="model.qk_norm=True has no llama equivalent"):
+    cfg.model.update(qk_norm=True, attention_window=8)  # Qwen3's norms, Mistral's window
+    with pytest.raises(ValueError, match="model.attention_window=8 has no qwen3 equivalent"):
         hf.family(cfg.model)
     cfg.model.position = "sinusoidal"
     with pytest.raises(ValueError, match="model.position='sinusoidal' has no Hugging Face"):

@@ -107,3 +107,133 @@ def test_clipping_happens_before_adam():
     for g in grads:
         u, s = unclipped.update(g, s, params)
     assert not np.allclose(u["w"], u_ours["w"], rtol=1e-3)
+
+
+# ------------------------------------------------------------------ optim.name
+
+
+def small_params() -> dict:
+    """One block's worth of the model's leaves, named and shaped as model.py names them."""
+    shapes = {"embed/embedding": (64, 32), "unembed/kernel": (32, 64), "final_norm/scale": (32,),
+              "blocks/0/attn_norm/scale": (32,), "blocks/0/attn/q/kernel": (32, 4, 8),
+              "blocks/0/attn/q/bias": (4, 8),
+              "blocks/0/attn/o/kernel": (4, 8, 32), "blocks/0/mlp/up/kernel": (32, 64),
+              "blocks/0/mlp/down/kernel": (64, 32)}
+    params = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        *path, leaf = name.split("/")
+        node = params
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = jax.random.normal(jax.random.key(i), shape)
+    return params
+
+
+def test_muon_orthogonalizes_hidden_matrices_and_leaves_the_rest_to_adamw():
+    """Embeddings, the unembedding, norms and biases get exactly AdamW's update; each hidden
+    kernel's update is the orthogonalized matrix its layer multiplies by (q [D, N, H] seen as
+    D x NH), at Moonlight's matched RMS 0.2 x lr."""
+    params = small_params()
+    grads = jax.tree.map(lambda p: p[::-1] * 0.1, params)
+    c = cfg_with(schedule="constant", warmup_steps=0, lr=0.1, weight_decay=0.0)
+    adamw = optim.make(c, 10)
+    c.name = "muon"
+    muon = optim.make(c, 10)
+    got, _ = jax.jit(muon.update)(grads, muon.init(params), params)
+    want, _ = jax.jit(adamw.update)(grads, adamw.init(params), params)
+    labels = optim.muon_labels(params)
+    flat = {jax.tree_util.keystr(p, simple=True, separator="/"): (label, g, w) for (p, label), g, w
+            in zip(jax.tree_util.tree_leaves_with_path(labels), jax.tree.leaves(got),
+                   jax.tree.leaves(want), strict=True)}
+    assert {k for k, (label, _, _) in flat.items() if label == "adamw"} == {
+        "embed/embedding", "unembed/kernel", "final_norm/scale", "blocks/0/attn_norm/scale",
+        "blocks/0/attn/q/bias"}  # [N, H]: a matrix by shape, not one a layer multiplies by
+    for name, (label, g, w) in flat.items():
+        if label == "adamw":
+            np.testing.assert_array_equal(g, w, err_msg=name)
+        else:
+            matrix = g.reshape(-1, g.shape[-1]) if name.endswith("o/kernel") else g.reshape(
+                g.shape[0], -1)
+            singular = np.linalg.svd(matrix / (0.1 * 0.2 * max(matrix.shape) ** 0.5),
+                                     compute_uv=False)
+            assert 0.5 < singular.min() and singular.max() < 1.5, name
+            assert not np.allclose(g, w), name
+
+
+def test_unknown_optimizer_and_muon_under_mup_are_one_sentence():
+    from lmjax import config
+
+    cfg = config.load("configs/smoke.py", ["optim.name=sgd"])
+    with pytest.raises(ValueError, match=r"^optim.name='sgd' is not one of \("):
+        optim.validate(cfg)
+    cfg = config.load("configs/smoke.py", ["optim.name=muon", "model.parametrization=mup"])
+    with pytest.raises(ValueError, match="optim.name='muon' cannot run under "
+                                         "model.parametrization='mup'"):
+        optim.validate(cfg)
+
+
+@pytest.mark.parametrize("name", ["lion", "adafactor"])
+def test_mup_per_role_factors_scale_every_optimizer(name):
+    """μP's per-role factor multiplies the whole update of Lion and Adafactor as of AdamW."""
+    params = {"q": {"kernel": jnp.ones((4, 4))}, "norm": {"scale": jnp.ones(4)}}
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+    c = cfg_with(name=name, schedule="constant", warmup_steps=0, weight_decay=0.0)
+    labels = lambda tree: {"q": {"kernel": "hidden"}, "norm": {"scale": "vector"}}  # noqa: E731
+    plain, scaled = optim.make(c, 10), optim.make(c, 10, {"hidden": 0.25, "vector": 1.0}, labels)
+    u, _ = plain.update(grads, plain.init(params), params)
+    v, _ = scaled.update(grads, scaled.init(params), params)
+    np.testing.assert_allclose(v["q"]["kernel"], 0.25 * u["q"]["kernel"], rtol=1e-6)
+    np.testing.assert_array_equal(v["norm"]["scale"], u["norm"]["scale"])
+
+
+def test_adafactor_statistics_shard_on_an_fsdp_mesh():
+    """Factored rows and columns keep the names of the axes they kept (so 'fsdp' splits them
+    as it splits the parameter); [1] placeholders are replicated."""
+    from flax import nnx
+
+    from configs import smoke
+    from lmjax import sharding, train
+
+    cfg = smoke.get_config()
+    cfg.mesh.update(data=2, fsdp=4, tensor=1)
+    cfg.model.update(d_model=256, mlp_dim=512)  # both >= 128: the MLP kernels are factored
+    cfg.optim.name = "adafactor"
+    mesh = sharding.make_mesh(cfg, jax.devices())
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
+        abstract = train.compile_fns(cfg, mesh).abstract_state  # shapes only: nothing compiles
+    specs = {jax.tree_util.keystr(p, simple=True, separator="/"): (x.shape, x.sharding.spec)
+             for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract))}
+    up = "blocks/0/mlp/up/kernel"
+    assert specs[f"0/{up}"] == ((256, 512), jax.P("fsdp", "tensor"))
+    # mesh.shard_optimizer (ZeRO-1) adds 'data' to each statistic's first unsplit dimension
+    assert specs[f"1/opt_state/1/0/0/v_row/{up}"] == ((256,), jax.P("fsdp"))
+    assert specs[f"1/opt_state/1/0/0/v_col/{up}"] == ((512,), jax.P(("tensor", "data")))
+    assert specs[f"1/opt_state/1/0/0/v/{up}"] == ((1,), jax.P())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["muon", "lion", "adafactor"])  # adamw: tests/test_train.py
+def test_each_optimizer_trains_and_resumes_bitwise(name, tmp_path):
+    """Six smoke steps on one device: the loss falls; then the step-6 checkpoint is dropped
+    and the run resumed from step 3 redoes steps 4-6 with the same losses and ends in the
+    same weights and optimizer state, bit for bit."""
+    import os
+    import shutil
+
+    from lmjax import train
+    from tests.test_reliability import ONE, leaves, losses, restore, smoke_cfg
+
+    cfg = smoke_cfg(mesh={"data": 1, "fsdp": 1, "tensor": 1},
+                    optim={"name": name, "warmup_steps": 1},
+                    train={"steps": 6, "eval_every": 0, "eval_batches": 0},
+                    checkpoint={"every": 3})
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.run(cfg, straight, devices=ONE)
+    first = losses(straight)
+    assert first[6] < first[1] - 0.1
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+    train.run(cfg, resumed, devices=ONE)
+    assert losses(resumed) == first
+    got, want = (leaves(restore(w, cfg, ONE)[0]) for w in (resumed, straight))
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)

@@ -22,9 +22,9 @@ def get_config(arg=None):
     c.checkpoint.update(every=10, async_save=False)
     return c
 
-def get_sweep():  # 2 widths x 2 token budgets: 20 and 200 steps of 8 x 32 tokens
+def get_sweep():  # 2 widths x 2 token budgets: 20 and 100 steps of 8 x 32 tokens
     return [{"model.d_model": d, "train.tokens_budget": t}
-            for t in (5120.0, 51200.0) for d in (16, 32)]
+            for t in (5120.0, 25600.0) for d in (16, 32)]
 '''
 
 
@@ -51,7 +51,7 @@ def test_members_and_their_commands(tmp_path):
     members = sweep.load(str(path))
     assert [(m.name, m.steps) for m in members] == [
         ("d_model=16,tokens_budget=5120", 20), ("d_model=32,tokens_budget=5120", 20),
-        ("d_model=16,tokens_budget=51200", 200), ("d_model=32,tokens_budget=51200", 200)]
+        ("d_model=16,tokens_budget=25600", 100), ("d_model=32,tokens_budget=25600", 100)]
     command = sweep.train_command(str(path), "/r/x", members[0])
     assert command[1:] == ["-m", "lmjax", "train", f"--config={path}", "--workdir=/r/x",
                            "--config.model.d_model=16", "--config.train.tokens_budget=5120.0"]
@@ -64,7 +64,7 @@ def test_a_broken_sweep_file_is_one_sentence(tmp_path):
     path = tmp_path / "sweep.py"
     path.write_text(SWEEP.replace("def get_sweep():", "def get_sweep(:"))
     line = SWEEP.splitlines().index("def get_sweep():  # 2 widths x 2 token budgets: 20 and "
-                                    "200 steps of 8 x 32 tokens") + 1
+                                    "100 steps of 8 x 32 tokens") + 1
     with pytest.raises(ValueError, match=rf"Sweep file '{path}' has a syntax error on line "
                                          rf"{line}: "):
         sweep.load(str(path))
@@ -80,7 +80,7 @@ def test_a_broken_sweep_file_is_one_sentence(tmp_path):
 def test_killed_sweep_finishes_on_rerun_and_a_finished_one_trains_nothing(tmp_path):
     path, root = tmp_path / "sweep.py", tmp_path / "runs"
     path.write_text(SWEEP)
-    long_run = root / "d_model=16,tokens_budget=51200"
+    long_run = root / "d_model=16,tokens_budget=25600"
     proc = lmjax_sweep(path, root, "--parallel=1")
     deadline = time.time() + 900  # a guard against hangs: members start slowly on a busy host
     while not (long_run / "checkpoints" / "10").is_dir():  # the third member is mid-way
@@ -90,14 +90,14 @@ def test_killed_sweep_finishes_on_rerun_and_a_finished_one_trains_nothing(tmp_pa
     first = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1 and "Traceback" not in first, first  # one line, not a traceback
     assert first.splitlines()[-1] == (
-        "lmjax sweep: interrupted; stopped d_model=16,tokens_budget=51200 (each resumes from "
+        "lmjax sweep: interrupted; stopped d_model=16,tokens_budget=25600 (each resumes from "
         "its last checkpoint): re-run the same command to finish.")
     assert "done d_model=16,tokens_budget=5120" in first
     assert "done d_model=32,tokens_budget=5120" in first
-    assert not sweep.is_finished(str(long_run), 200), first
+    assert not sweep.is_finished(str(long_run), 100), first
     before = mtimes(root)
     kept = steps_logged(long_run)
-    assert 10 <= max(kept) < 200
+    assert 10 <= max(kept) < 100
 
     proc = lmjax_sweep(path, root, "--parallel=2")
     second = proc.communicate(timeout=900)[0]
@@ -105,7 +105,7 @@ def test_killed_sweep_finishes_on_rerun_and_a_finished_one_trains_nothing(tmp_pa
     assert "4 members, 2 finished, 2 to train" in second
     for name in ("d_model=16,tokens_budget=5120", "d_model=32,tokens_budget=5120"):
         assert mtimes(root)[name] == before[name]  # finished members were not touched
-    assert steps_logged(long_run) == list(range(5, 201, 5))  # resumed: each step once
+    assert steps_logged(long_run) == list(range(5, 101, 5))  # resumed: each step once
     finished = mtimes(root)
 
     proc = lmjax_sweep(path, root, "--parallel=2")

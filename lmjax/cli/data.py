@@ -1,9 +1,10 @@
 """`lmjax data build | corpus | multilingual | bench`: a TFDS dataset from text files, the offline
 corpora (lmjax/corpora), and whether the input pipeline is ever the bottleneck.
 
-`data bench` answers that with three rates on the same text, all on one pinned CPU core: raw
+`data bench` answers that with rates on the same text, all on one pinned CPU core: raw
 SentencePiece encoding (the floor any pipeline pays), the TFDS pipeline (read, tokenize, pack,
-batch; the path a large corpus takes), and what the training step of the bench model consumes.
+batch; the path a large corpus takes), each tokenize-up-front source (text, jsonl, parquet, hf:
+preparing the cache once, then serving batches), and what the bench model's train step consumes.
 """
 
 import os
@@ -12,10 +13,11 @@ import time
 
 import sentencepiece as spm
 from absl import flags
+from etils import epath
 
 from lmjax.cli import common
 from lmjax.corpora import english, multilingual
-from lmjax.data import sources
+from lmjax.data import records, sources
 from lmjax.data.tokenizer import Tokenizer, resolve_tokenizer
 
 flags.DEFINE_string("input", None, "build, bench: text files (a glob or a directory)")
@@ -92,10 +94,44 @@ def bench(pattern: str, tokenizer: str, step_steps: int = 10, max_docs: int = 20
         for _ in range(batches):
             next(train)
         piped = batches * tokens_per_batch / (time.perf_counter() - start)
+        per_source = {source: _source_rates(cfg, source, docs, tmp, num_tokens, batches)
+                      for source in ("text", *records.SOURCES)}
     os.sched_setaffinity(0, cores)
     return {"documents": len(docs), "tokens": num_tokens, "seq_len": cfg.data.seq_len,
             "batch": cfg.data.global_batch_size, "raw_sentencepiece_tokens_per_s": raw,
-            "pipeline_tokens_per_s": piped, "train_step_tokens_per_s": step}
+            "pipeline_tokens_per_s": piped, "train_step_tokens_per_s": step,
+            "sources": per_source}
+
+
+def _source_rates(cfg, source: str, docs: list[str], tmp: str, num_tokens: int,
+                  batches: int) -> dict:
+    """(prepare, serve) tokens/s of a source that tokenizes up front: reading and tokenizing
+    the whole corpus into an empty cache (paid once per corpus), then handing out batches."""
+    from lmjax.data import pipeline
+
+    folder = epath.Path(tmp) / source
+    folder.mkdir()
+    if source == "text":
+        (folder / "docs.txt").write_text("\n\n\n".join(doc.strip() for doc in docs))
+        location = os.fspath(folder / "docs.txt")
+    else:
+        location = records.write(source, docs, folder)
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.update(source=source, text=location, eval_fraction=0.0, segment_mask=False)
+    cached = os.environ.get("LMJAX_CACHE", "")
+    os.environ["LMJAX_CACHE"] = os.fspath(folder / "cache")  # empty: preparing is really timed
+    try:
+        start = time.perf_counter()
+        train = pipeline.build(cfg).train
+        prepare = num_tokens / (time.perf_counter() - start)
+    finally:
+        os.environ["LMJAX_CACHE"] = cached  # '' means the default, as unset does
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(train)
+    tokens = batches * cfg.data.global_batch_size * cfg.data.seq_len
+    return {"prepare_tokens_per_s": prepare,
+            "serve_tokens_per_s": tokens / (time.perf_counter() - start)}
 
 
 def table(r: dict) -> str:
@@ -108,4 +144,10 @@ def table(r: dict) -> str:
         ratio = r["pipeline_tokens_per_s"] / r["train_step_tokens_per_s"]
         rows.append(("train step (bench model)",
                      f"{r['train_step_tokens_per_s']:,.0f} tok/s  (pipeline is {ratio:.0f}x)"))
+    for source, rates in r.get("sources", {}).items():
+        serve = rates["serve_tokens_per_s"]
+        need = (f"  ({serve / r['train_step_tokens_per_s']:.0f}x the step)"
+                if r["train_step_tokens_per_s"] else "")
+        rows.append((f"{source} (1 core)", f"prepare {rates['prepare_tokens_per_s']:,.0f} tok/s "
+                     f"once, serve {serve:,.0f} tok/s{need}"))
     return "\n".join(f"{k:<28} {v}" for k, v in rows)

@@ -1,7 +1,8 @@
 """From `cfg.data` to batches: the training order, per-process rows, exact resume, eval batches.
 
-Text and synthetic sources: the order is a grain MapDataset, `source(rows).shuffle(seed).repeat()`:
-random access all the way down, so the k-th global batch is a pure function of (seed, k). The
+Text, record (jsonl, parquet, hf: lmjax/data/records.py) and synthetic sources: the order is a
+grain MapDataset, `source(rows).shuffle(seed).repeat()`: random access all the way down, so the
+k-th global batch is a pure function of (seed, k). The
 iterator's whole state is therefore the step number, resume is exact by construction, and every
 process computes the same global order and reads only its own rows (process p takes rows
 p*b:(p+1)*b of each global batch, b = global_batch_size // process_count), whatever
@@ -31,10 +32,13 @@ import ml_collections
 import numpy as np
 
 from lmjax import config
-from lmjax.data import mixture, sources
+from lmjax.data import mixture, records, sources
 from lmjax.data.tokenizer import Tokenizer, resolve_tokenizer
 
-SOURCES = ("text", "tfds", "synthetic")  # what data.source may be: build's three paths
+# What data.source may be: text files, record files (lmjax/data/records.py), TFDS, synthetic.
+SOURCES = ("text", *records.SOURCES, "tfds", "synthetic")
+# Sources tokenized up front into one stream, whose tail data.eval_fraction holds out.
+TEXT_LIKE = ("text", *records.SOURCES)
 
 
 def positions(segment_ids_L: np.ndarray) -> np.ndarray:
@@ -158,6 +162,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"data.mixture mixes texts; it needs data.source='text', "
                              f"not {d.source!r}.")
         mixture.parse(d.mixture)
+    if d.source in records.SOURCES and not d.text_field:
+        raise ValueError(f"data.source={d.source!r} needs data.text_field, the field holding "
+                         "each record's text.")
 
 
 def build(cfg: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1) -> Data:
@@ -172,7 +179,7 @@ def build(cfg: ml_collections.ConfigDict, process_index: int = 0, process_count:
         raise ValueError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1).")
     per_process = d.global_batch_size // process_count
     if d.source not in SOURCES:
-        raise ValueError(f"data.source={d.source!r} is unknown; use 'text', 'tfds' or 'synthetic'.")
+        raise ValueError(f"data.source={d.source!r} is unknown; use one of {SOURCES}.")
     tokenizer = None
     if d.source != "synthetic":
         tokenizer = Tokenizer.load(resolve_tokenizer(d.tokenizer))
@@ -190,13 +197,12 @@ def build(cfg: ml_collections.ConfigDict, process_index: int = 0, process_count:
         train_rows = sources.synthetic_rows(cfg, split=0)
         eval_rows = sources.synthetic_rows(cfg, split=1)
     else:
-        paths = sources.resolve_text(d.text)
-        train_stream, eval_stream = sources.text_streams(paths, tokenizer, d.eval_fraction)
+        train_stream, eval_stream = _streams(cfg, tokenizer)
         train_rows = sources.windows(train_stream, d.seq_len)
         eval_rows = sources.windows(eval_stream, d.seq_len)
         if len(train_rows) < d.global_batch_size:
             raise ValueError(
-                f"data.text={d.text!r} makes {len(train_rows)} training sequences of "
+                f"data.text={d.text!r} ({d.source}) makes {len(train_rows)} training sequences of "
                 f"seq_len+1={d.seq_len + 1} tokens, fewer than one global batch of "
                 f"{d.global_batch_size}."
             )
@@ -215,6 +221,15 @@ def build(cfg: ml_collections.ConfigDict, process_index: int = 0, process_count:
         eval_batches=_eval_batches(cfg, eval_rows, example, process_index, process_count),
         tokenizer=tokenizer,
     )
+
+
+def _streams(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) token streams of data.text, read as data.source says."""
+    d = cfg.data
+    if d.source == "text":
+        return sources.text_streams(sources.resolve_text(d.text), tokenizer, d.eval_fraction)
+    files = records.resolve(d.source, d.text)
+    return records.record_streams(d.source, files, d.text_field, tokenizer, d.eval_fraction)
 
 
 def source_rows(cfg: ml_collections.ConfigDict, source: mixture.Source,
@@ -307,7 +322,7 @@ def _eval_batches(
     process sees the same global rows, so all get the same number of batches."""
     d = cfg.data
     per_process = d.global_batch_size // process_count
-    if cfg.train.eval_batches == 0 or (d.source == "text" and d.eval_fraction == 0):
+    if cfg.train.eval_batches == 0 or (d.source in TEXT_LIKE and d.eval_fraction == 0):
         return []
     n = min(cfg.train.eval_batches, len(rows) // d.global_batch_size)
     if n == 0:

@@ -219,29 +219,42 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     return cfg
 
 
+def _rope_family(m: ml_collections.ConfigDict) -> str:
+    """The LLaMA-like family a RoPE model's switches point to; family() then checks the rest."""
+    if m.mlp == "geglu" or m.embed_scale:
+        return "gemma"
+    return "qwen3" if m.qk_norm else "mistral" if m.attention_window else "llama"
+
+
 def family(m: ml_collections.ConfigDict) -> str:
-    """'gpt2' or 'llama': which Hugging Face architecture holds this model exactly."""
-    gpt2 = dict(position="learned", norm="layer", mlp="gelu", use_bias=True, tie_embeddings=True,
-                qk_norm=False, num_kv_heads=m.num_heads, d_model=m.num_heads * m.head_dim,
-                attention_window=0, parametrization="sp")
-    llama = dict(position="rope", norm="rms", mlp="swiglu", use_bias=False, qk_norm=False,
-                 rope_scaling="none", attention_window=0,
-                 parametrization="sp")  # not exported yet: refuse, not drop (μP's multipliers)
-    for name, wants in (("gpt2", gpt2), ("llama", llama)):
-        if m.position == wants["position"]:
-            for key, value in wants.items():
-                if m[key] != value:
-                    raise ValueError(f"model.{key}={m[key]!r} has no {name} equivalent in "
-                                     f"Hugging Face ({name} needs {value!r}).")
-            return name
-    raise ValueError(f"model.position={m.position!r} has no Hugging Face equivalent: GPT-2 "
-                     "uses 'learned', LLaMA 'rope'.")
+    """One of FAMILIES: which Hugging Face architecture holds this model exactly."""
+    common = dict(position="rope", norm="rms", use_bias=False, rope_scaling="none",
+                  parametrization="sp")  # not exported yet: refuse, not drop (μP's multipliers)
+    plain = dict(mlp="swiglu", qk_norm=False, embed_scale=False)
+    wants_of = {
+        "gpt2": dict(position="learned", norm="layer", mlp="gelu", use_bias=True,
+                     tie_embeddings=True, qk_norm=False, num_kv_heads=m.num_heads,
+                     d_model=m.num_heads * m.head_dim, attention_window=0, embed_scale=False,
+                     parametrization="sp"),
+        "llama": dict(common, **plain, attention_window=0),
+        "mistral": dict(common, **plain),
+        "qwen3": dict(common, **{**plain, "qk_norm": True}, attention_window=0),
+        "gemma": dict(common, mlp="geglu", embed_scale=True, qk_norm=False, attention_window=0)}
+    if m.position not in ("learned", "rope"):
+        raise ValueError(f"model.position={m.position!r} has no Hugging Face equivalent: GPT-2 "
+                         "uses 'learned', the others 'rope'.")
+    name = "gpt2" if m.position == "learned" else _rope_family(m)
+    for key, value in wants_of[name].items():
+        if m[key] != value:
+            raise ValueError(f"model.{key}={m[key]!r} has no {name} equivalent in Hugging Face "
+                             f"({name} needs {value!r}).")
+    return name
 
 
 def config_to_hf(cfg: ml_collections.ConfigDict, eos_id: int | None = None) -> dict:
     m = cfg.model
-    special = {"bos_token_id": eos_id, "eos_token_id": eos_id}
-    if family(m) == "gpt2":
+    kind, special = family(m), {"bos_token_id": eos_id, "eos_token_id": eos_id}
+    if kind == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
                 "vocab_size": m.vocab_size, "n_embd": m.d_model, "n_layer": m.num_layers,
                 "n_head": m.num_heads, "n_inner": m.mlp_dim, "n_positions": m.max_len,
@@ -249,7 +262,10 @@ def config_to_hf(cfg: ml_collections.ConfigDict, eos_id: int | None = None) -> d
                 "activation_function": "gelu_new", "scale_attn_weights": True,
                 "tie_word_embeddings": True, "attn_pdrop": 0.0, "embd_pdrop": 0.0,
                 "resid_pdrop": 0.0, "dtype": "float32", **special}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    own = {"mistral": {"sliding_window": m.attention_window},
+           "qwen3": {"use_sliding_window": False, "sliding_window": None},
+           "gemma": {"hidden_act": "gelu_pytorch_tanh"}}.get(kind, {})
+    return {"architectures": [ARCHITECTURES[kind]], "model_type": kind,
             "vocab_size": m.vocab_size, "hidden_size": m.d_model,
             "intermediate_size": m.mlp_dim, "num_hidden_layers": m.num_layers,
             "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
@@ -257,7 +273,7 @@ def config_to_hf(cfg: ml_collections.ConfigDict, eos_id: int | None = None) -> d
             "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
             "attention_bias": False, "mlp_bias": False,
-            "tie_word_embeddings": m.tie_embeddings, "dtype": "float32", **special}
+            "tie_word_embeddings": m.tie_embeddings, "dtype": "float32", **special, **own}
 
 
 # ------------------------------------------------------------------------------ weights
@@ -324,7 +340,7 @@ def from_pretrained(path: paths.PathLike, rope_layout: str = "half_split"
 def save_pretrained(model: Transformer, cfg: ml_collections.ConfigDict, out: paths.PathLike,
                     tokenizer=None) -> None:
     """Write `out/config.json` and `out/model.safetensors` that transformers loads as
-    GPT2LMHeadModel or LlamaForCausalLM (and tokenizer.model, if the run had one)."""
+    one of ARCHITECTURES (and tokenizer.model, if the run had one)."""
     kind = family(cfg.model)
     params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if cfg.model.scan_layers:

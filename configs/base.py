@@ -160,3 +160,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     k.max_to_keep = 3
     k.async_save = True  # write in a background thread while training continues
     return c
+
+
+def family(name: str, presets: dict, arg: str | None, **architecture) -> ml_collections.ConfigDict:
+    """The defaults with one of a family file's PRESETS (configs/llama.py, mistral.py, qwen3.py,
+    gemma.py): `architecture` is the family's model switches, each preset
+    (model overrides, (seq_len, sequences per step), (peak lr, warmup steps), training tokens)."""
+    if arg not in presets:
+        raise ValueError(f"configs/{name}.py:{arg} is unknown; choose one of {list(presets)}.")
+    model, (seq_len, batch), (lr, warmup), tokens = presets[arg]
+    c = get_config()
+    c.model.update(**{**architecture, **model})
+    c.data.update(seq_len=seq_len, global_batch_size=batch)
+    c.optim.update(lr=lr, warmup_steps=warmup)  # cosine to lr / 10, as above
+    c.train.steps = tokens // (seq_len * batch)
+    if arg != "tiny":  # the published sizes: weights split over every device
+        c.mesh.update(data=1, fsdp=-1)
+    return c

@@ -36,16 +36,9 @@ PRESETS = {
 
 
 def get_config(arg: str | None = "tiny") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise ValueError(f"configs/llama.py:{arg} is unknown; choose one of {list(PRESETS)}.")
-    model, (seq_len, batch), (lr, warmup), tokens = PRESETS[arg]
-    c = base.get_config()
-    c.model.update(mlp="swiglu", norm="rms", position="rope", rope_theta=10_000.0,
-                   use_bias=False, tie_embeddings=False, **model)
-    c.data.update(seq_len=seq_len, global_batch_size=batch)
-    c.optim.update(lr=lr, warmup_steps=warmup, eps=1e-5)  # cosine to lr / 10, as base.py
-    c.train.steps = tokens // (seq_len * batch)
+    c = base.family("llama", PRESETS, arg, mlp="swiglu", norm="rms", position="rope",
+                     rope_theta=10_000.0, use_bias=False, tie_embeddings=False)
+    c.optim.eps = 1e-5
     if arg != "tiny":
         c.model.dtype = "bfloat16"
-        c.mesh.update(data=1, fsdp=-1)
     return c

@@ -29,15 +29,6 @@ PRESETS = {
 
 
 def get_config(arg: str | None = "tiny") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise ValueError(f"configs/mistral.py:{arg} is unknown; choose one of {list(PRESETS)}.")
-    model, (seq_len, batch), (lr, warmup), tokens = PRESETS[arg]
-    c = base.get_config()
-    c.model.update(mlp="swiglu", norm="rms", norm_eps=1e-5, position="rope", rope_theta=10_000.0,
-                   use_bias=False, tie_embeddings=False, **model)
-    c.data.update(seq_len=seq_len, global_batch_size=batch)
-    c.optim.update(lr=lr, warmup_steps=warmup)  # cosine to lr / 10, as base.py
-    c.train.steps = tokens // (seq_len * batch)
-    if arg != "tiny":
-        c.mesh.update(data=1, fsdp=-1)
-    return c
+    return base.family("mistral", PRESETS, arg, mlp="swiglu", norm="rms", norm_eps=1e-5,
+                       position="rope", rope_theta=10_000.0, use_bias=False,
+                       tie_embeddings=False)

@@ -46,8 +46,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'sp' (standard) | 'mup' (Yang et al. 2022: LR tuned at the base width transfers to wider
     # models; init, per-layer LR, 1/H attention and logit multiplier in lmjax/mup.py)
     m.parametrization = "sp"
-    m.mup_base_width = 256  # μP: the d_model at which μP equals SP (the width tuned on)
-    m.mup_base_head_dim = 64  # μP: the head_dim at which its 1/H attention equals 1/sqrt(H)
+    # μP base shapes: the model tuned on (μP equals SP there); each hidden matrix's init and LR
+    # scale with its own fan-in over these, and all must differ from the model's or none
+    m.mup_base_width = 256  # d_model: fan-in of q, k, v, up, gate and the readout
+    m.mup_base_attn_dim = 256  # num_heads x head_dim: fan-in of attention's o
+    m.mup_base_mlp_dim = 1024  # mlp_dim: fan-in of the MLP's down
+    m.mup_base_head_dim = 64  # head_dim at which its 1/H attention equals 1/sqrt(H)
+    # depth-μP: branches x (L0/L)^alpha, block LRs x (L/L0)^(alpha-1); 0 = off, else L0
+    m.mup_base_depth = 0
+    m.mup_depth_alpha = 0.5  # 0.5 = Depth-μP (Yang et al. 2023) | 1 = CompleteP (Dey 2025)
+    # μP knobs μTransfer tunes at the base width (Tensor Programs V sec. 6); 1 = Table 8 as is
+    m.mup_output_mult = 1.0  # alpha_out: logits x alpha_out / m
+    m.mup_attn_mult = 1.0  # alpha_attn: attention scores x alpha_attn
+    m.mup_embed_mult = 1.0  # alpha_embed: token (+ position) embeddings x alpha_embed
+    m.mup_readout_init_mult = 1.0  # sigma_out: readout init std = this x init_std; 0 = zeros
+    m.mup_zero_query = False  # zero-init the query kernel (attention starts uniform)
+    m.mup_lr_embed = 1.0  # LR factor of the embeddings
+    m.mup_lr_hidden = 1.0  # LR factor of the hidden matrices (on top of 1/m)
+    m.mup_lr_readout = 1.0  # LR factor of the readout
+    # decay: 'independent' (mup's MuAdamW: lr x wd per step at any width) | 'scaled' (decay
+    # follows each matrix's μP LR, lr/m x wd)
+    m.mup_decay = "independent"
     m.param_dtype = "float32"  # master weights and optimizer state
     m.dtype = "float32"  # compute dtype of matmuls and activations ('bfloat16' on accelerators)
     # kernel (lmjax/attention.py): 'xla' (reference, everywhere) | 'cudnn' (GPU) | 'splash' (TPU)
@@ -59,6 +78,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # lax.scan over one stacked block: compile time flat in depth (48 layers: 1.2x the 4-layer
     # compile, unrolled 4.5x); off by default as on CPU its step costs ~30% more (lmjax bench)
     m.scan_layers = False
+    # mixture of experts (lmjax/moe.py): the MLP of every every_nth_layer-th layer routes each
+    # token to top_k of num_experts MLPs of expert_mlp_dim, plus shared experts seeing all tokens
+    e = m.moe = ml_collections.ConfigDict()
+    e.num_experts = 0  # 0 = dense MLP everywhere
+    e.top_k = 2  # experts per token (Mixtral: 2 of 8)
+    e.num_shared_experts = 0  # DeepSeek-MoE: experts every token goes through as well
+    e.expert_mlp_dim = 1024  # F of each expert (Krajewski's granularity G = mlp_dim / this)
+    e.every_nth_layer = 1  # 1 = every layer MoE; 2 = layers 2, 4, ... (GShard, Switch)
+    e.score = "softmax"  # 'softmax' (Mixtral) | 'sigmoid' (DeepSeek-V3); top-k gates sum to 1
+    e.aux_loss_weight = 0.01  # Switch load-balancing loss E * sum_e f_e P_e, 1 when balanced
+    e.z_loss_weight = 0.001  # router z-loss mean(logsumexp(router logits)^2) (ST-MoE)
+    # 'dropless' (grouped matmul, every assignment computed) | 'capacity' (each expert takes
+    # capacity_factor x its fair share of the batch's assignments; the rest are dropped)
+    e.dispatch = "dropless"
+    e.capacity_factor = 1.25
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
@@ -92,11 +126,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.fsdp = 1  # parameters and optimizer state sharded (ZeRO-3), batch split too
     s.seq = 1  # context parallelism: sequence split between attention calls (attention='ring')
     s.tensor = 1  # Megatron tensor parallelism: heads and MLP width split
+    s.expert = 1  # expert parallelism (MoE): experts split, tokens all-to-all; batch split too
     # The sizes above are per slice (ICI); these multiply them across slices or nodes (DCN).
     s.dcn_data = 1  # replicas across slices: one gradient all-reduce per step crosses DCN
     s.dcn_fsdp = 1  # FSDP across slices: weight gathers cross DCN (only if memory demands it)
     s.dcn_seq = 1  # context parallelism across slices: rarely worth the ring's DCN hops
     s.dcn_tensor = 1  # tensor parallelism across slices: almost never (an all-reduce per layer)
+    s.dcn_expert = 1  # expert parallelism across slices: two all-to-alls per MoE layer cross DCN
     s.rules = "fsdp_tp"  # logical-axis rule preset in lmjax/sharding.py: 'dp' | 'fsdp' | 'fsdp_tp'
     # ZeRO-1 / weight-update sharding (Xu et al. 2020): gradients reduce-scattered over 'data',
     # Adam moments and the update split likewise, each replica updating 1/data of every weight
@@ -113,6 +149,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.warmup_steps = 100  # linear warmup from 0 to lr
     o.end_lr_fraction = 0.1  # final lr = end_lr_fraction * lr (cosine, linear, wsd)
     o.wsd_decay_fraction = 0.2  # WSD: last fraction of training spent decaying (Hägele et al. 2024)
+    o.cooldown_steps = 0  # WSD: decay over the last this many steps; 0 = wsd_decay_fraction's
+    o.cooldown_shape = "linear"  # WSD's decay: 'linear' | '1-sqrt' (Hägele et al. 2024, sec. 3)
     o.b1 = 0.9
     o.b2 = 0.95
     o.eps = 1e-8
@@ -153,11 +191,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     p.start_step = 10  # first profiled step: after compilation and warm-up
     p.num_steps = 0  # steps traced into workdir/profile (TensorBoard, Perfetto); 0 = off
     t.init_from = ""  # a workdir whose weights start this run (fresh optimizer); '' = random init
+    # a workdir whose whole state at train.fork_step (weights, optimizer, step, data position)
+    # starts this run, e.g. a WSD cooldown from a constant-LR run; the parent is only read
+    t.fork_from = ""
+    t.fork_step = 0  # the parent's checkpoint to fork; 0 = where this run's WSD cooldown begins
 
     # ---------------------------------------------------------------- checkpoint
     k = c.checkpoint = ml_collections.ConfigDict()
     k.every = 200  # steps between saves (a final save always happens)
     k.max_to_keep = 3
+    # steps also saved and never deleted, comma-separated: where cooldown forks start from
+    # (train.fork_from; lmjax/scaling/sweep.py's cooldowns); '' = none
+    k.keep_steps = ""
     k.async_save = True  # write in a background thread while training continues
     return c
 

@@ -34,14 +34,27 @@ from lmjax import paths
 
 def manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     quiet_abandoned_io()
+    kept = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.max_to_keep,
+        preservation_policy=kept.AnyPreservationPolicy(
+            [kept.LatestN(cfg.max_to_keep), kept.CustomSteps(sorted(keep_steps(cfg)))]),
         enable_async_checkpointing=cfg.async_save,
         create=True,
         cleanup_tmp_directories=True,  # unfinished writes of a killed run; never a whole step
     )
     return _Manager(paths.resolve(workdir) / "checkpoints",  # gs:// to TensorStore
                     options=options, item_names=("state", "data", "integrity"))
+
+
+def keep_steps(cfg: ml_collections.ConfigDict) -> frozenset[int]:
+    """checkpoint.keep_steps as steps; one sentence naming the key if it is not a list of
+    positive integers."""
+    text = cfg.keep_steps.replace(" ", "")
+    items = text.split(",") if text else []
+    if not all(item.isdigit() and int(item) > 0 for item in items):
+        raise ValueError(f"checkpoint.keep_steps={cfg.keep_steps!r} must be comma-separated "
+                         "positive steps ('' = none).")
+    return frozenset(int(item) for item in items)
 
 
 class DiskFull(OSError):
@@ -279,13 +292,20 @@ def quiet_abandoned_io() -> None:
 
         hook.lmjax_quiet = True
         sys.unraisablehook = hook
-    for name, drop in (("asyncio", _abandoned_logs), ("absl", _disk_full_logs)):
+    for name, drop in (("asyncio", _abandoned_logs), ("absl", _disk_full_logs),
+                       ("absl", _read_only_notes)):
         if drop not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(drop)
 
 
 def _abandoned_logs(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(ABANDONED)
+
+
+def _read_only_notes(record: logging.LogRecord) -> bool:
+    """Drop Orbax's warnings that a read-only manager (restore_from's) will not save."""
+    return not record.getMessage().startswith(("CheckpointManagerOptions.read_only=True",
+                                               "Given directory is read only"))
 
 
 def _set_aside(mngr: ocp.CheckpointManager, problems: dict[int, str]) -> None:
@@ -354,3 +374,27 @@ def load_params(workdir: str, state: nnx.State, step: int | None = None) -> nnx.
     out = jax.tree.map(lambda x: x, state)
     nnx.replace_by_pure_dict(out, pure)
     return out
+
+
+def restore_from(workdir: str, abstract_state: nnx.State, step: int) -> tuple[nnx.State, dict]:
+    """(state, data position) of another run's checkpoint `step`, laid out like
+    `abstract_state` and checked as restore checks its own (train.fork_from). Read-only: the
+    manager creates, cleans up and deletes nothing, so the parent stays as it was."""
+    quiet_abandoned_io()
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    mngr = ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints", options=options,
+                                 item_names=("state", "data", "integrity"))
+    try:
+        if step not in mngr.all_steps():
+            raise FileNotFoundError(
+                f"train.fork_from={workdir!r} has no checkpoint for step {step} (it keeps "
+                f"{sorted(mngr.all_steps()) or 'none'}); train the parent with that step in "
+                "its checkpoint.keep_steps.")
+        _check_process_count(mngr, step)
+        try:
+            return _restore_step(mngr, abstract_state, step)
+        except Exception as e:  # noqa: BLE001 - any cause: this step cannot start the fork
+            raise ValueError(f"train.fork_from={workdir!r} step {step} cannot be restored "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:300]}).") from None
+    finally:
+        mngr.close()

@@ -154,28 +154,40 @@ def _parse(key: str, old, text: str):
 
 
 def check_choices(cfg: ml_collections.ConfigDict, choices: dict[str, tuple]) -> None:
-    """Raise ValueError naming the first `a.b` key whose value is not among its choices: each
+    """Raise ValueError naming the first dotted key whose value is not among its choices: each
     module's validate passes the tuples that live next to the code that reads the key."""
     for key, allowed in choices.items():
-        group, name = key.split(".")
-        if cfg[group][name] not in allowed:
-            raise ValueError(f"{key}={cfg[group][name]!r} is not one of {allowed}.")
+        value = cfg
+        for part in key.split("."):  # 'a.b', or deeper ('model.moe.score')
+            value = value[part]
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {allowed}.")
 
 
 # Keys older workdirs hold that no longer change anything: read and dropped.
 RETIRED = {"model": ("weight_grad",)}  # a CPU matmul layout, now lmjax/backends/cpu.py's choice
 
 
-# Keys a resumed run may change: lengths, cadences, layout, kernels, loggers. Everything else
-# (model, data, optimizer, seed) changes what the checkpoint means, so resuming with it is
-# refused unless forced. train.steps may grow: the schedule is recomputed for the new length.
-RESUMABLE = ("train.steps", "train.tokens_budget", "train.flops_budget", "train.log_every",
+# Keys a resumed run may change: cadences, layout, kernels, loggers. Everything else (model,
+# data, optimizer, seed) changes what the checkpoint means, so resuming with it is refused
+# unless forced; SCHEDULE's keys may change only where train checks that the learning rate of
+# every step already taken stays the same.
+RESUMABLE = ("train.log_every",
              "train.eval_every", "train.eval_batches", "train.grad_accum", "train.on_nonfinite",
-             "train.spike_factor", "train.init_from", "checkpoint.",
+             "train.spike_factor", "train.init_from", "train.fork_from", "train.fork_step",
+             "checkpoint.",
              "mesh.", "model.attention", "model.remat", "profile.",
              "train.compilation_cache_dir", "train.lease_timeout", "train.loggers",
              "train.wandb_project", "train.wandb_entity", "data.read_threads",
              "data.prefetch", "data.worker_count")
+
+
+# Keys that shape the learning-rate schedule: a resume (or a fork, train.fork_from) may change
+# them when the steps already taken keep their learning rates (train: optim.first_change), e.g.
+# a longer constant or WSD run before its cooldown, or a cooldown started in place.
+SCHEDULE = ("train.steps", "train.tokens_budget", "train.flops_budget", "optim.schedule",
+            "optim.end_lr_fraction", "optim.wsd_decay_fraction", "optim.cooldown_steps",
+            "optim.cooldown_shape")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -191,9 +203,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def resume_conflicts(saved_path: str | os.PathLike, cfg: ml_collections.ConfigDict
                      ) -> list[str]:
     """The keys (sorted) whose value differs between a workdir's config.json and `cfg`, leaving
-    out those in RESUMABLE. A key the workdir lacks (lmjax gained it later) reads its default
-    of configs/base.py, as from_workdir reads it, so a new key at its default resumes an old
-    run; a key only the workdir has counts as differing."""
+    out those in RESUMABLE and SCHEDULE (the schedule is compared by its values). A key the
+    workdir lacks (lmjax gained it later) reads its default of configs/base.py, as
+    from_workdir reads it, so a new key at its default resumes an old run; a key only the
+    workdir has counts as differing."""
     try:
         saved = _flat(json.loads(epath.Path(saved_path).read_text()))
     except json.JSONDecodeError:
@@ -206,7 +219,7 @@ def resume_conflicts(saved_path: str | os.PathLike, cfg: ml_collections.ConfigDi
     retired = {f"{group}.{key}" for group, keys in RETIRED.items() for key in keys}
     return sorted(k for k in saved.keys() | new.keys()
                   if saved.get(k, "<absent>") != new.get(k, "<absent>")
-                  and not resumable(k) and k not in retired)
+                  and not resumable(k) and k not in SCHEDULE and k not in retired)
 
 
 def resumable(key: str) -> bool:

@@ -24,6 +24,12 @@ FLOPs per token, training (forward + backward = 3 x forward, Kaplan et al. 2020,
 
 Elementwise work (softmax, norms, activations, RoPE) and the embedding lookup are not counted.
 
+Mixture of experts (model.moe, lmjax/moe.py): FLOPs count ACTIVE parameters, those one token
+goes through: each expert weight counts top_k / num_experts of its size; the router (D·E per
+MoE layer) and shared experts count whole. So a budget, an MFU or a fitted law compares MoE and
+dense models at equal work per token; 'capacity' dispatch's padding and dropped tokens are not
+counted (the useful work, as with the causal mask). `count_params` gives total and active.
+
 Two published conventions can be selected instead (`train.flops_convention`), so a budget or a
 fitted law can be compared with the paper that used it:
 
@@ -46,28 +52,38 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from lmjax import moe
 from lmjax.model import Transformer
 
 
 def count_params(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
-    """{'total', 'embedding', 'non_embedding'} from the abstract model: exact, and free to compute
-    (`lmjax info` works for a 7B config on a laptop). Remembered per model config: a sweep's
-    runs share a few shapes, and tracing the model takes a good part of a second."""
+    """{'total', 'embedding', 'non_embedding', 'active', 'active_non_embedding'} from the
+    abstract model: exact, and free to compute (`lmjax info` works for a 7B config on a laptop).
+    Active = what one token uses (module docstring); the same as total for a dense model.
+    Remembered per model config: a sweep's runs share a few shapes, and tracing the model takes
+    a good part of a second."""
     return dict(_count_params(model_cfg.to_json(sort_keys=True)))
 
 
 @functools.lru_cache(maxsize=256)
 def _count_params(model_json: str) -> dict[str, int]:
     model_cfg = ml_collections.ConfigDict(json.loads(model_json))
-    model_cfg.scan_layers = True  # the same parameters, stacked: one layer traced, not all
+    # the same parameters, stacked: one layer traced, not all (unless layers differ)
+    model_cfg.scan_layers = moe.num_moe_layers(model_cfg) in (0, model_cfg.num_layers)
     model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+    e = model_cfg.moe
 
-    def size(module: nnx.Module) -> int:
-        return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+    def size(module: nnx.Module, active: bool = False) -> int:
+        variables = jax.tree.leaves(nnx.state(module, nnx.Param),
+                                    is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return sum(math.prod(v.shape) // e.num_experts * e.top_k
+                   if active and "expert" in (v.get_metadata().get("out_sharding") or ())
+                   else math.prod(v.shape) for v in variables)
 
-    total = size(model)
+    total, active = size(model), size(model, active=True)
     embedding = size(model.embed) + (size(model.pos_embed) if hasattr(model, "pos_embed") else 0)
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
+            "active": active, "active_non_embedding": active - embedding}
 
 
 def _matmul_params(model_cfg: ml_collections.ConfigDict, non_embedding: int) -> int:
@@ -103,9 +119,13 @@ def chinchilla_terms(model_cfg: ml_collections.ConfigDict, seq_len: int) -> dict
                            + 2 * seq_len * d_attn  # softmax @ V
                            + 2 * d_attn * m.d_model)  # output projection
     mlp_matrices = 3 if m.mlp in ("swiglu", "geglu") else 2
+    e, moe_layers = m.moe, moe.num_moe_layers(m)  # an MoE layer: its router and active experts
+    mlp_widths = ((m.num_layers - moe_layers) * m.mlp_dim
+                  + moe_layers * (e.top_k + e.num_shared_experts) * e.expert_mlp_dim)
     return {"embeddings": float(2 * m.vocab_size * m.d_model),
             "attention": float(m.num_layers * per_layer_attention),
-            "dense": float(m.num_layers * 2 * mlp_matrices * m.d_model * m.mlp_dim),
+            "dense": float(2 * mlp_matrices * m.d_model * mlp_widths
+                           + moe_layers * 2 * m.d_model * e.num_experts),
             "logits": float(2 * m.d_model * m.vocab_size)}
 
 
@@ -123,7 +143,7 @@ def _convention_flops(model_cfg: ml_collections.ConfigDict, non_embedding: int, 
 def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int,
                     convention: str = "project") -> float:
     """Training FLOPs per token (forward + backward) in `convention` (module docstring)."""
-    return _convention_flops(model_cfg, count_params(model_cfg)["non_embedding"], seq_len,
+    return _convention_flops(model_cfg, count_params(model_cfg)["active_non_embedding"], seq_len,
                              convention)
 
 
@@ -139,7 +159,22 @@ def describe(model_cfg: ml_collections.ConfigDict) -> str:
                                       else "")
     return (f"{m.num_layers} layers x d_model {m.d_model}, {heads} x {m.head_dim}, "
             f"{m.mlp} mlp {m.mlp_dim}, {m.norm} norm, {m.position} positions, vocab {m.vocab_size}"
-            f"{', tied' if m.tie_embeddings else ''}{', biases' if m.use_bias else ''}")
+            f"{', tied' if m.tie_embeddings else ''}{', biases' if m.use_bias else ''}"
+            f"{_describe_moe(m) if m.moe.num_experts else ''}")
+
+
+def _describe_moe(m: ml_collections.ConfigDict) -> str:
+    e, every = m.moe, m.moe.every_nth_layer
+    return (f", MoE {e.num_experts} x {e.expert_mlp_dim} top-{e.top_k}"
+            f"{f' + {e.num_shared_experts} shared' if e.num_shared_experts else ''}"
+            f"{f' every {every} layers' if every > 1 else ''} ({e.score}, {e.dispatch})")
+
+
+def granularity(model_cfg: ml_collections.ConfigDict) -> float:
+    """Krajewski et al. 2024's G = mlp_dim / expert_mlp_dim (mlp_dim: the dense twin's MLP);
+    0 for a dense model."""
+    e = model_cfg.moe
+    return model_cfg.mlp_dim / e.expert_mlp_dim if e.num_experts else 0.0
 
 
 def report_dict(cfg: ml_collections.ConfigDict) -> dict:
@@ -150,7 +185,7 @@ def report_dict(cfg: ml_collections.ConfigDict) -> dict:
     """
     counts = count_params(cfg.model)
     seq_len, batch = cfg.data.seq_len, cfg.data.global_batch_size
-    per_token = _convention_flops(cfg.model, counts["non_embedding"], seq_len,
+    per_token = _convention_flops(cfg.model, counts["active_non_embedding"], seq_len,
                                   cfg.train.flops_convention)
     tokens_per_step = seq_len * batch
     param_bytes = counts["total"] * jnp.dtype(cfg.model.param_dtype).itemsize
@@ -159,7 +194,10 @@ def report_dict(cfg: ml_collections.ConfigDict) -> dict:
         "params": counts["total"],
         "params_embedding": counts["embedding"],
         "params_non_embedding": counts["non_embedding"],
-        "params_kaplan": kaplan_params(cfg.model, counts["non_embedding"]),
+        "params_active": counts["active"],
+        "params_active_non_embedding": counts["active_non_embedding"],
+        "params_kaplan": kaplan_params(cfg.model, counts["active_non_embedding"]),
+        "granularity": granularity(cfg.model),
         "flops_convention": cfg.train.flops_convention,
         "flops_per_token": per_token,
         "forward_flops_per_token": per_token / 3,
@@ -182,6 +220,9 @@ def report(cfg: ml_collections.ConfigDict) -> str:
         ("params", f"{r['params']:,}"),
         ("  embedding", f"{r['params_embedding']:,}"),
         ("  non-embedding", f"{r['params_non_embedding']:,}"),
+        *([("active params", f"{r['params_active']:,}  (per token: top_k of num_experts)"),
+           ("  non-embedding", f"{r['params_active_non_embedding']:,}")]
+          if cfg.model.moe.num_experts else []),
         ("FLOPs/token (train)", f"{r['flops_per_token']:.4g}  ({r['flops_convention']}: "
                                 f"{FORMULAS[r['flops_convention']]})"),
         ("tokens/step", f"{r['tokens_per_step']:,}  (seq_len {cfg.data.seq_len} x batch "

@@ -6,6 +6,7 @@ large vocabulary loses the digits that distinguish a good model from a slightly 
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
@@ -34,3 +35,13 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
         correct = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
         aux["accuracy"] = (correct * weights_BL).sum() / num_tokens
     return nll + z_loss * z, aux
+
+
+def router_loss(stats: dict[str, jax.Array], moe_cfg: ml_collections.ConfigDict
+                ) -> jax.Array | float:
+    """The MoE router's part of the optimised loss (lmjax/moe.py's load-balancing and z losses,
+    weighted by model.moe.*_weight); 0 for a dense model. Eval reports cross-entropy alone."""
+    if not stats:
+        return 0.0
+    return (moe_cfg.aux_loss_weight * stats["moe_aux_loss"]
+            + moe_cfg.z_loss_weight * stats["moe_z_loss"])

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lmjax import attention, config, mup, positions, rope_scaling, sharding
+from lmjax import attention, config, moe, mup, positions, rope_scaling, sharding
 
 BLD = ("activation_batch", "activation_length", "activation_embed")
 BLNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -63,7 +63,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std = cfg.init_std * mup.hidden_init_scale(cfg)  # 1 under SP
-        out_std = std / math.sqrt(2 * cfg.num_layers)  # GPT-2's residual scaling
+        out_std = cfg.init_std * mup.hidden_init_scale(cfg, "o") / mup.residual_divisor(cfg)
 
         def proj(spec, shape, names, bias_shape, bias_names, std):
             return nnx.Einsum(spec, shape, bias_shape if cfg.use_bias else None,
@@ -72,7 +72,7 @@ class Attention(nnx.Module):
                               rngs=rngs, **_dtypes(cfg))
 
         self.q = proj("BLD,DNH->BLNH", (D, N, H), ("embed", "heads", "head_dim"), (N, H),
-                      ("heads", "head_dim"), std)
+                      ("heads", "head_dim"), std * mup.query_init_scale(cfg))
         self.k = proj("BLD,DKH->BLKH", (D, K, H), ("embed", "kv_heads", "head_dim"), (K, H),
                       ("kv_heads", "head_dim"), std)
         self.v = proj("BLD,DKH->BLKH", (D, K, H), ("embed", "kv_heads", "head_dim"), (K, H),
@@ -144,10 +144,10 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
-                 dot_general: DotGeneral = jax.lax.dot_general):
-        D, F = cfg.d_model, cfg.mlp_dim
+                 dot_general: DotGeneral = jax.lax.dot_general, width: int = 0):
+        D, F = cfg.d_model, width or cfg.mlp_dim  # width: MoE's shared experts (lmjax/moe.py)
         std = cfg.init_std * mup.hidden_init_scale(cfg)  # 1 under SP
-        out_std = std / math.sqrt(2 * cfg.num_layers)
+        out_std = cfg.init_std * mup.hidden_init_scale(cfg, "down") / mup.residual_divisor(cfg)
 
         def dense(d_in, d_out, names, std):
             return nnx.Linear(d_in, d_out, use_bias=cfg.use_bias, kernel_init=_normal(std, names),
@@ -160,32 +160,34 @@ class Mlp(nnx.Module):
         self.kind = cfg.mlp
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        if self.kind == "swiglu":  # Shazeer 2020: silu(x W_gate) * (x W_up)
-            h_BLF = jax.nn.silu(self.gate(x_BLD)) * self.up(x_BLD)
-        elif self.kind == "geglu":  # Gemma: the same gate through tanh-approximated GELU
-            h_BLF = jax.nn.gelu(self.gate(x_BLD), approximate=True) * self.up(x_BLD)
-        else:  # GPT-2 uses the tanh approximation of GELU
-            h_BLF = jax.nn.gelu(self.up(x_BLD), approximate=True)
+        gate_BLF = None if self.gate is None else self.gate(x_BLD)
+        h_BLF = moe.activate(self.kind, self.up(x_BLD), gate_BLF)  # SwiGLU, GeGLU or GELU
         return self.down(sharding.constrain(h_BLF, BLF))
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
-                 dot_general: DotGeneral = jax.lax.dot_general):
+                 dot_general: DotGeneral = jax.lax.dot_general, index: int = 0):
         self.attn_norm = make_norm(cfg, cfg.d_model, ("embed",), rngs)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = make_norm(cfg, cfg.d_model, ("embed",), rngs)
-        self.mlp = Mlp(cfg, rngs, dot_general)
+        if moe.is_moe_layer(cfg, index):  # layer `index` (from 0) routes to experts
+            shared = cfg.moe.num_shared_experts * cfg.moe.expert_mlp_dim
+            self.mlp = moe.Moe(cfg, rngs, Mlp(cfg, rngs, dot_general, shared) if shared else None)
+        else:
+            self.mlp = Mlp(cfg, rngs, dot_general)
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(self, x_BLD: jax.Array, rotary: positions.Rotary | None,
-                 rngs: nnx.Rngs | None, segment_ids_BL: jax.Array | None = None) -> jax.Array:
-        deterministic = rngs is None
+                 rngs: nnx.Rngs | None, segment_ids_BL: jax.Array | None = None) -> tuple:
+        deterministic, branch = rngs is None, mup.branch_multiplier(self.attn.cfg)  # depth-μP
         h_BLD = self.attn(self.attn_norm(x_BLD), rotary, segment_ids_BL)
-        x_BLD = x_BLD + self.dropout(h_BLD, deterministic=deterministic, rngs=rngs)
-        h_BLD = self.mlp(self.mlp_norm(x_BLD))
-        x_BLD = x_BLD + self.dropout(h_BLD, deterministic=deterministic, rngs=rngs)
-        return sharding.constrain(x_BLD, BLD)
+        x_BLD = x_BLD + self.dropout(branch * h_BLD, deterministic=deterministic, rngs=rngs)
+        h_BLD, stats = self.mlp(self.mlp_norm(x_BLD)), {}  # stats: moe.STATS of an MoE layer
+        if isinstance(self.mlp, moe.Moe):
+            h_BLD, stats = h_BLD
+        x_BLD = x_BLD + self.dropout(branch * h_BLD, deterministic=deterministic, rngs=rngs)
+        return sharding.constrain(x_BLD, BLD), stats
 
 
 REMAT_POLICIES = {
@@ -197,8 +199,8 @@ REMAT_POLICIES = {
 
 
 def call_block(block: "Block", x_BLD: jax.Array, rotary: positions.Rotary | None,
-               rngs: nnx.Rngs | None, segment_ids_BL: jax.Array | None, remat: str) -> jax.Array:
-    """One block, under `model.remat`'s checkpoint policy ('none': keep every activation)."""
+               rngs: nnx.Rngs | None, segment_ids_BL: jax.Array | None, remat: str) -> tuple:
+    """One block -> (x_BLD, router stats), under model.remat's policy ('none': keep all)."""
     if remat == "none":
         return block(x_BLD, rotary, rngs, segment_ids_BL)
     return nnx.remat(lambda b, x, p, r, s: b(x, p, r, s), policy=REMAT_POLICIES[remat])(
@@ -231,11 +233,12 @@ class Transformer(nnx.Module):
         if cfg.scan_layers:
             self.blocks = stacked_blocks(cfg, rngs, dot_general)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs, dot_general) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([Block(cfg, rngs, dot_general, i)
+                                    for i in range(cfg.num_layers)])
         self.final_norm = make_norm(cfg, cfg.d_model, ("embed",), rngs)
         if not cfg.tie_embeddings:
             self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs,
-                                      kernel_init=_normal(cfg.init_std, ("embed", "vocab")),
+                                      kernel_init=_normal(mup.readout_std(cfg), ("embed", "vocab")),
                                       dot_general=dot_general, **_dtypes(cfg))
         self.dropout = nnx.Dropout(cfg.dropout)
 
@@ -246,6 +249,12 @@ class Transformer(nnx.Module):
 
         segment_ids_BL (packed rows): tokens attend only within their segment; pass the
         positions within each document too, so each document is computed as if alone."""
+        return self.logits_and_aux(tokens_BL, positions_BL, rngs, segment_ids_BL)[0]
+
+    def logits_and_aux(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+                       rngs: nnx.Rngs | None = None, segment_ids_BL: jax.Array | None = None
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(logits_BLV, the MoE layers' mean router losses, moe.mean_stats; {} if dense)."""
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
             attn = self.blocks.attn if self.cfg.scan_layers else self.blocks[0].attn
@@ -265,7 +274,7 @@ class Transformer(nnx.Module):
             sinusoids_BLD = positions.sinusoidal(positions_BL, self.cfg.d_model)
             x_BLD = x_BLD + sinusoids_BLD.astype(x_BLD.dtype)
         x_BLD = self.dropout(x_BLD, deterministic=rngs is None, rngs=rngs)
-        x_BLD = sharding.constrain(x_BLD, BLD)
+        x_BLD = sharding.constrain(x_BLD * mup.embed_multiplier(self.cfg), BLD)  # μP: alpha_embed
         rotary = None
         if self.cfg.position == "rope":  # once, for every layer's queries and keys
             inv_freq_H2, scale = rope_scaling.frequencies(self.cfg)
@@ -273,37 +282,41 @@ class Transformer(nnx.Module):
             # temporary memory per chip, lmjax plan)
             rotary = jax.lax.optimization_barrier(positions.rope_sin_cos(
                 positions_BL, self.cfg.head_dim, self.cfg.rope_theta, inv_freq_H2, scale))
+        stats = []
         if self.cfg.scan_layers:
-            x_BLD = self._scan_blocks(x_BLD, rotary, rngs, segment_ids_BL)
+            x_BLD, stats = self._scan_blocks(x_BLD, rotary, rngs, segment_ids_BL)
         else:
             for block in self.blocks:
-                x_BLD = call_block(block, x_BLD, rotary, rngs, segment_ids_BL, self.cfg.remat)
+                x_BLD, layer_stats = call_block(block, x_BLD, rotary, rngs, segment_ids_BL,
+                                                self.cfg.remat)
+                stats.append(layer_stats)
         x_BLD = self.final_norm(x_BLD)
         if self.cfg.tie_embeddings:
             logits_BLV = self.embed.attend(x_BLD)
         else:
             logits_BLV = self.unembed(x_BLD)
         logits_BLV = logits_BLV.astype(jnp.float32)
-        if self.cfg.parametrization == "mup":  # readout multiplier 1 / width_mult
+        if self.cfg.parametrization == "mup":  # readout multiplier alpha_out / width_mult
             logits_BLV = logits_BLV * mup.output_multiplier(self.cfg)
-        return sharding.constrain(logits_BLV, BLV)
+        return sharding.constrain(logits_BLV, BLV), moe.mean_stats(stats)
 
     def _scan_blocks(self, x_BLD: jax.Array, rotary: positions.Rotary | None,
-                     rngs: nnx.Rngs | None, segment_ids_BL: jax.Array | None) -> jax.Array:
+                     rngs: nnx.Rngs | None, segment_ids_BL: jax.Array | None) -> tuple:
         """lax.scan over the stacked block: layer i's slice of every parameter (and KV cache),
-        and its own dropout key. Only the cache comes back out, so weights are never copied."""
+        and its own dropout key. Only caches and router stats come out: weights are not copied."""
         graphdef, state = nnx.split(self.blocks)
         keys = None if rngs is None else jax.random.split(rngs.dropout(), self.cfg.num_layers)
 
         def body(x_BLD, layer):
             block = nnx.merge(graphdef, layer[0])
             layer_rngs = None if layer[1] is None else nnx.Rngs(dropout=layer[1])
-            x_BLD = call_block(block, x_BLD, rotary, layer_rngs, segment_ids_BL, self.cfg.remat)
-            return x_BLD, nnx.state(block, nnx.Cache)
+            x_BLD, stats = call_block(block, x_BLD, rotary, layer_rngs, segment_ids_BL,
+                                      self.cfg.remat)
+            return x_BLD, (nnx.state(block, nnx.Cache), stats)
 
-        x_BLD, cache = jax.lax.scan(body, x_BLD, (state, keys))
+        x_BLD, (cache, stats) = jax.lax.scan(body, x_BLD, (state, keys))
         nnx.update(self.blocks, cache)
-        return x_BLD
+        return x_BLD, [{k: v.mean() for k, v in stats.items()}]  # every layer alike
 
     def init_cache(self, start_B: jax.Array, length: int) -> None:
         """Switch to decoding (lmjax/sample.py) with an empty KV cache of `length` slots.
@@ -344,8 +357,14 @@ def forward(model: Transformer, batch: dict, rngs: nnx.Rngs | None = None) -> ja
     """logits_BLV of `batch` ('inputs', and 'positions' and 'segment_ids' when packed): train,
     eval and sample all apply the model through this one call, so a batch key the model reads
     is added in one place. rngs=None is deterministic (eval)."""
-    return model(batch["inputs"], batch.get("positions"), rngs=rngs,
-                 segment_ids_BL=batch.get("segment_ids"))
+    return forward_with_aux(model, batch, rngs)[0]
+
+
+def forward_with_aux(model: Transformer, batch: dict, rngs: nnx.Rngs | None = None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(logits_BLV, moe.STATS averaged over MoE layers; {} if dense): for training only."""
+    return model.logits_and_aux(batch["inputs"], batch.get("positions"), rngs,
+                                batch.get("segment_ids"))
 
 
 # What model.mlp, model.norm, model.position and model.parametrization may be; model.remat is
@@ -378,3 +397,4 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}.")
     attention.validate(cfg)
     rope_scaling.validate(cfg)
+    moe.validate(cfg)

@@ -5,8 +5,8 @@ Everything is an optax building block; this file only chooses and wires them. We
 applies to matrices only: decaying norm scales and biases pulls them towards zero for no
 benefit (the GPT-3/nanoGPT practice), and embeddings are excluded unless configured because
 their rows see few gradient updates each. Every optimizer adds its decay before the learning
-rate, so the step is -lr (update + wd p) whichever is chosen, and μP's per-role factor scales
-both (mup.py).
+rate, so the step is -lr (update + wd p) whichever is chosen; under μP it is -lr (a update +
+b wd p) with each parameter group's factors from mup.py.
 
 optim.name  update (optax)                                      state per parameter
 adamw       Adam (Loshchilov & Hutter 2019)                     2 copies
@@ -17,16 +17,20 @@ lion        sign of interpolated momentum (Chen et al. 2023)    1 copy
 adafactor   factored second moment (Shazeer & Stern 2018)       a row and a column per matrix
 """
 
+import copy
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
 from lmjax import config, mup
 
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "wsd")
+COOLDOWN_SHAPES = ("linear", "1-sqrt")  # WSD's decay (Hägele et al. 2024, sec. 3)
 NAMES = ("adamw", "muon", "lion", "adafactor")
 
 # Muon's view of each hidden kernel as the matrix its layer multiplies by: (reduction axes,
@@ -43,7 +47,13 @@ MUON_RMS = 0.2
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """optim.schedule and optim.name, and μP only where its Adam table holds (its numbers, the
     warmup within train.steps included, are in validate.RANGES)."""
-    config.check_choices(cfg, {"optim.schedule": SCHEDULES, "optim.name": NAMES})
+    config.check_choices(cfg, {"optim.schedule": SCHEDULES, "optim.name": NAMES,
+                               "optim.cooldown_shape": COOLDOWN_SHAPES})
+    o, steps = cfg.optim, cfg.train.steps
+    if o.schedule == "wsd" and cooldown_length(o, steps) > steps - o.warmup_steps:
+        raise ValueError(f"optim.cooldown_steps={o.cooldown_steps} is longer than the "
+                         f"{steps - o.warmup_steps} steps after warmup (train.steps={steps}, "
+                         f"optim.warmup_steps={o.warmup_steps}).")
     if cfg.optim.name == "muon" and cfg.model.parametrization == "mup":
         raise ValueError("optim.name='muon' cannot run under model.parametrization='mup': μP's "
                          "learning rates (lmjax/mup.py) are Adam's, and Muon's orthogonalized "
@@ -63,13 +73,54 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule
         after = optax.constant_schedule(lr)
     elif cfg.schedule == "rsqrt":  # lr * sqrt(warmup / step), continuous at the end of warmup
         after = lambda count: lr * jax.lax.rsqrt(1.0 + count / max(warmup, 1))
-    elif cfg.schedule == "wsd":  # Hägele et al. 2024: hold, then decay over the last fraction
-        decay = max(int(rest * cfg.wsd_decay_fraction), 1)
-        after = optax.join_schedules(
-            [optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)], [rest - decay])
+    elif cfg.schedule == "wsd":
+        after = _wsd(cfg, cooldown_length(cfg, total_steps), rest)
     else:
         raise ValueError(f"optim.schedule={cfg.schedule!r} is unknown; choose one of {SCHEDULES}.")
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def cooldown_length(cfg: ml_collections.ConfigDict, total_steps: int) -> int:
+    """WSD's decay: the last optim.cooldown_steps steps, else optim.wsd_decay_fraction of the
+    steps after warmup (0: no cooldown, a constant learning rate after warmup)."""
+    if cfg.cooldown_steps:
+        return cfg.cooldown_steps
+    return int(max(total_steps - cfg.warmup_steps, 1) * cfg.wsd_decay_fraction)
+
+
+def _wsd(cfg: ml_collections.ConfigDict, decay: int, rest: int) -> optax.Schedule:
+    """Hägele et al. 2024 (arXiv 2405.18392): hold optim.lr, then cool down over the last
+    `decay` steps to end_lr_fraction x lr, linearly or as 1 - sqrt (their best shape, sec. 3).
+
+    The learning rate reaches the end value at train.steps, so the last update uses the one
+    before it; the stable part does not depend on the run's length, which is what lets a
+    cooldown start from another run's checkpoint (train.fork_from) or a run grow on resume."""
+    lr, end = cfg.lr, cfg.lr * cfg.end_lr_fraction
+    if decay == 0:
+        return optax.constant_schedule(lr)
+    if cfg.cooldown_shape == "linear":
+        cool = optax.linear_schedule(lr, end, decay)
+    else:  # "1-sqrt"
+        cool = lambda count: end + (lr - end) * (1.0 - jnp.sqrt(jnp.minimum(count, decay)
+                                                               / decay))
+    return optax.join_schedules([optax.constant_schedule(lr), cool], [rest - decay])
+
+
+def first_change(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict,
+                 steps: int) -> tuple[int, float, float] | None:
+    """(step, old lr, new lr) of the first of steps 0 .. steps-1 whose learning rate differs
+    between two runs' configs (optim and train.steps), or None: whether a run that took those
+    steps under `old` is the start of a run planned as `new` (a resume that changes the length,
+    a fork). Compared exactly: one schedule evaluated twice gives the same floats, and any
+    other value would have made another run."""
+    counts = jnp.arange(steps)
+    before = np.asarray(schedule(old.optim, old.train.steps)(counts))
+    after = np.asarray(schedule(new.optim, new.train.steps)(counts))
+    differ = np.flatnonzero(before != after)
+    if differ.size == 0:
+        return None
+    k = int(differ[0])
+    return k, float(before[k]), float(after[k])
 
 
 def decay_mask(params, decay_embeddings: bool):
@@ -197,17 +248,49 @@ def _fitted_names(stat, param):
 
 
 def make(cfg: ml_collections.ConfigDict, total_steps: int,
-         lr_scales: dict[str, float] | None = None,
-         lr_labels: Callable | None = None) -> optax.GradientTransformation:
-    """clip -> optim.name's update -> schedule; `lr_scales` (label -> factor, with
-    `lr_labels(params)` naming each leaf's label) gives parameters their own learning rate, as
-    μP needs (lmjax/mup.py).
-
-    The factor scales the optimizer's whole update, -lr (update + wd p), so a parameter's
-    decoupled weight decay moves with its learning rate, as torch's AdamW (and the mup package)
-    do.
-    """
+         lr_scales: dict[str, float] | None = None, lr_labels: Callable | None = None,
+         decay_scales: dict[str, float] | None = None) -> optax.GradientTransformation:
+    """clip -> optim.name's update -> schedule; `lr_scales` (label -> factor a, with
+    `lr_labels(params)` naming each leaf's label) gives parameters their own learning rate and
+    `decay_scales` (label -> b; default a) their own decoupled decay: -lr (a update + b wd p),
+    as μP needs (lmjax/mup.py: b = a m on hidden matrices keeps their decay lr wd at any width,
+    as mup's MuAdamW does; b = a is torch AdamW with per-group learning rates)."""
     lr = schedule(cfg, total_steps)
+    if lr_scales is None:
+        tx = _update(cfg, lr)
+    else:
+        tx = _per_label(cfg, lr, lr_scales, lr_labels, decay_scales or lr_scales)
+    if cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return tx
+
+
+def _per_label(cfg: ml_collections.ConfigDict, lr: optax.Schedule, lr_scales: dict[str, float],
+               lr_labels: Callable, decay_scales: dict[str, float]
+               ) -> optax.GradientTransformation:
+    """-lr (a u + b wd p): optim.name's update u without its decay, and the decoupled decay
+    alone (the same mask and schedule), each times its leaf's label's factor."""
+    bare_cfg = copy.deepcopy(cfg)
+    bare_cfg.weight_decay = 0.0
+    bare = _update(bare_cfg, lr)
+    decay = optax.chain(optax.add_decayed_weights(
+        cfg.weight_decay, mask=lambda params: decay_mask(params, cfg.decay_embeddings)),
+        optax.scale_by_learning_rate(lr))
+
+    def init(params):
+        return bare.init(params), decay.init(params)
+
+    def update(updates, state, params=None):
+        step, bare_state = bare.update(updates, state[0], params)
+        pull, decay_state = decay.update(jax.tree.map(jnp.zeros_like, updates), state[1], params)
+        combine = lambda label, u, d: lr_scales[label] * u + decay_scales[label] * d  # noqa: E731
+        return jax.tree.map(combine, lr_labels(updates), step, pull), (bare_state, decay_state)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _update(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+    """optim.name's update, decay and learning rate: -lr (u + wd p)."""
     if cfg.name == "adamw":
         tx = _adamw(cfg, lr)
     elif cfg.name == "muon":
@@ -219,10 +302,4 @@ def make(cfg: ml_collections.ConfigDict, total_steps: int,
         tx = _adafactor(cfg, lr)
     else:
         raise ValueError(f"optim.name={cfg.name!r} is unknown; choose one of {NAMES}.")
-    if lr_scales is not None:
-        per_label = optax.multi_transform(
-            {label: optax.scale(factor) for label, factor in lr_scales.items()}, lr_labels)
-        tx = optax.chain(tx, per_label)
-    if cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     return tx

@@ -12,6 +12,10 @@ count, bytes of its result), next to what the parallelism should cost on paper:
             unless XLA keeps it), reduce-scatter of its gradient: 1/fsdp of it per device
   TP        all-reduce of the [B/dp, L, D] activations after attention and the MLP, forward
             and backward: 4 per layer
+  EP        (mesh.expert > 1, lmjax/moe.py) per MoE layer, an all-to-all of each device's
+            capacity-sized queues to the experts' devices and one back, forward and backward
+            (and the forward's again under remat): theory per token top_k x d_model x bytes,
+            x2 for the return; the queues hold capacity_factor times that (rounded up)
   ZeRO-1    (mesh.shard_optimizer, data > 1) DP's all-reduce becomes a reduce-scatter of each
             gradient over 'data' (1/data of it per device) and an all-gather of the updated
             weight; a weight no dimension of which 'data' divides is still all-reduced
@@ -30,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lmjax import chips, flops, sharding, train, validate
+from lmjax import chips, flops, moe, sharding, train, validate
 from lmjax.data import batch
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -112,14 +116,33 @@ def expected(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
             out["all-gather"] += local
         else:
             replicas *= dp
+        if "expert" not in axes:  # the batch is split over 'expert' too
+            replicas *= mesh_shape["expert"]
         if replicas > 1:
             out["all-reduce"] += local
+    if mesh_shape["expert"] > 1:
+        out["all-to-all"] = all_to_all_bytes(cfg, mesh_shape)
     if tp > 1:
-        rows = cfg.data.global_batch_size // (dp * fsdp)
+        rows = cfg.data.global_batch_size // (dp * fsdp * mesh_shape["expert"])
         tokens = rows * cfg.data.seq_len // mesh_shape["seq"]
         act = tokens * cfg.model.d_model * jnp.dtype(cfg.model.dtype).itemsize
         out["all-reduce"] += 4 * cfg.model.num_layers * act
     return out
+
+
+def all_to_all_bytes(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+                     theory: bool = False) -> int:
+    """Expert parallelism's all-to-all bytes per device and step (EP above): the [E, C, D]
+    queues as moe.capacity sizes them, or with `theory` top_k x d_model per token."""
+    m = cfg.model
+    rows = cfg.data.global_batch_size // (cfg.train.grad_accum * mesh_shape["data"]
+                                          * mesh_shape["fsdp"] * mesh_shape["expert"])
+    tokens = rows * cfg.data.seq_len // mesh_shape["seq"]  # per device and micro-batch
+    per_layer = (m.moe.top_k * tokens if theory else
+                 m.moe.num_experts * moe.capacity(tokens, m)) * m.d_model
+    passes = 2 + (2 if m.remat == "none" else 4)  # there and back: forward, (remat,) backward
+    return (cfg.train.grad_accum * moe.num_moe_layers(m) * passes * per_layer
+            * jnp.dtype(m.dtype).itemsize)
 
 
 def cpu_devices(count: int) -> list:
@@ -252,6 +275,8 @@ def plan(cfg: ml_collections.ConfigDict, devices=None) -> dict:
             "hbm_bytes": hbm, "fits": fits, "mesh": mesh_shape,
             "rules": cfg.mesh.rules, "param_bytes": flops.report_dict(cfg)["param_bytes"],
             "memory_per_device": memory, "collectives": found, "expected_bytes": want,
+            "all_to_all_theory": (all_to_all_bytes(cfg, mesh_shape, theory=True)
+                                  if "all-to-all" in want else None),
             "hlo": hlo,  # the compiled program's text (None: unreadable), for checks and tests
             "roofline": _roofline(cfg, compiled, found, want, mesh_shape, len(devices), kind)}
 
@@ -273,7 +298,8 @@ def _roofline(cfg, compiled, found, want, mesh_shape, num_devices, kind) -> dict
     crossing = {op for axis, ops in (("data", ("all-reduce", *zero1)),
                                          ("fsdp", ("all-gather", "reduce-scatter")),
                                          ("seq", ("collective-permute",)),
-                                         ("tensor", ("all-reduce",)))
+                                         ("tensor", ("all-reduce",)),
+                                         ("expert", ("all-to-all",)))
                 if dcn[sharding.AXES.index(axis)] > 1 for op in ops}
     measured = found if found is not None else {k: {"bytes": v} for k, v in want.items()}
     # reduce-scatters run over 'fsdp', or with ZeRO-1 over 'data' too: costed at the wider
@@ -322,6 +348,10 @@ def report(result: dict) -> str:
         want = "-" if want is None else f"{want / mib:,.2f}"
         lines.append(f"  {'':<32}{kind:<19} {got['count']:>5} {got['bytes'] / mib:>10,.2f} "
                      f"{want:>13}")
+    if "all-to-all" in result["expected_bytes"]:
+        lines.append(f"  all-to-all theory (top_k x d_model x bytes per token, x2 return; fwd, "
+                     f"bwd, remat): {result['all_to_all_theory'] / mib:,.2f} MiB; expected "
+                     f"adds the capacity padding")
     return "\n".join(lines)
 
 

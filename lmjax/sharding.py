@@ -10,6 +10,9 @@ never editing the model (Flax lm1b, MaxText). Mesh axes:
           attention itself gathers keys (xla) or passes them round a ring (ring attention)
   tensor  Megatron tensor parallelism: attention heads and MLP width split, one all-reduce per
           attention and MLP block
+  expert  expert parallelism: MoE expert weights split by expert, tokens sent to their experts'
+          devices and back by all-to-all (lmjax/moe.py); the batch is split too, so
+          it is a data axis for every other layer
 
 Each axis is ici x dcn devices: `mesh.<axis>` ways within a slice (or node), times
 `mesh.dcn_<axis>` ways across slices (or nodes) over the slower data-center network
@@ -31,8 +34,8 @@ from jax.sharding import PartitionSpec as P
 from lmjax import config
 from lmjax.data import batch as batch_lib
 
-AXES = ("data", "fsdp", "seq", "tensor")  # slowest to fastest varying: tensor talks most
-BATCH = ("data", "fsdp")  # the batch dimension of every input is split over these
+AXES = ("data", "fsdp", "seq", "tensor", "expert")  # slowest to fastest varying
+BATCH = ("data", "fsdp", "expert")  # the batch dimension of every input is split over these
 
 _ACTIVATIONS = {
     "activation_batch": BATCH,
@@ -42,7 +45,8 @@ _ACTIVATIONS = {
 }
 _REPLICATED = {name: None for name in
                ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "length",
-                "layers")}  # layers: the stacked axis of model.scan_layers, never split
+                "layers")}  # layers: model.scan_layers' stacked axis, never split
+_REPLICATED["expert"] = "expert"  # MoE expert weights' leading axis: split when mesh.expert > 1
 
 RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
     # Pure data parallelism: every device holds every parameter.
@@ -123,15 +127,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...
     if d.seq_len % sizes["seq"]:
         raise ValueError(f"data.seq_len={d.seq_len} is not divisible by the seq axis "
                          f"(mesh.seq x mesh.dcn_seq = {sizes['seq']}).")
-    batch_ways = sizes["data"] * sizes["fsdp"]
+    batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if d.global_batch_size % cfg.train.grad_accum:
         raise ValueError(f"data.global_batch_size={d.global_batch_size} is not divisible by "
                          f"train.grad_accum={cfg.train.grad_accum}.")
     micro = d.global_batch_size // cfg.train.grad_accum
+    ways = " x mesh.expert" if sizes["expert"] > 1 else ""
     if micro % batch_ways:
         raise ValueError(f"The micro-batch of {micro} sequences (data.global_batch_size / "
                          f"train.grad_accum) is not divisible by the {batch_ways} data-parallel "
-                         f"devices (mesh.data x mesh.fsdp).")
+                         f"devices (mesh.data x mesh.fsdp{ways}).")
     return shape
 
 
@@ -271,12 +276,13 @@ def summed_grads(grads_fn, params, rest, batch, key, cfg: ml_collections.ConfigD
 
 def has_own_shard_map(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> bool:
     """Whether the model runs a shard_map of its own (ring or splash attention, a vocab-split
-    embedding lookup). Nested in reduce_scattered_grads' manual 'data' region it fails to lower
-    in JAX 0.10 (its jvp residuals are named with the parent's 'data' axis); there ZeRO-1 falls
-    back to a sharding constraint on the gradients (over_data_constraint), which costs a full
-    all-reduce instead of the reduce-scatter."""
+    embedding lookup, expert parallelism). Nested in reduce_scattered_grads' manual 'data'
+    region it fails to lower in JAX 0.10 (its jvp residuals are named with the parent's 'data'
+    axis); there ZeRO-1 falls back to a sharding constraint on the gradients
+    (over_data_constraint), which costs a full all-reduce instead of the reduce-scatter."""
     vocab = axes_of(RULES[cfg.mesh.rules]["vocab"])
-    return cfg.model.attention in ("ring", "splash") or math.prod(sizes[a] for a in vocab) > 1
+    return (cfg.model.attention in ("ring", "splash") or math.prod(sizes[a] for a in vocab) > 1
+            or sizes["expert"] > 1)
 
 
 def reduce_scattered_grads(grads_fn, params, rest, batch, key):
@@ -329,7 +335,8 @@ def shard_optimizer_state(shardings, abstract_state, mesh: jax.sharding.Mesh):
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH))
+    """The batch over BATCH's axes that `mesh` has (a hand-made mesh may lack some)."""
+    return NamedSharding(mesh, P(tuple(a for a in BATCH if a in mesh.axis_names)))
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

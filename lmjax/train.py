@@ -13,7 +13,6 @@ import collections
 import copy
 import dataclasses
 import functools
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -38,20 +37,22 @@ from lmjax import (
     optim,
     paths,
     profiler,
+    resume,
     sharding,
     validate,
 )
 from lmjax import config as config_lib
 from lmjax.backends import cpu as cpu_backend
 from lmjax.data import pipeline
-from lmjax.model import DotGeneral, Transformer, forward
+from lmjax.model import DotGeneral, Transformer, forward, forward_with_aux
 
 
 def create(cfg: ml_collections.ConfigDict, dot_general: DotGeneral = jax.lax.dot_general
            ) -> tuple[Transformer, nnx.Optimizer]:
     """The model and its optimizer; `dot_general` is the dense layers' matmul (a backend's)."""
     model = Transformer(cfg.model, nnx.Rngs(params=cfg.seed), dot_general)
-    tx = optim.make(cfg.optim, cfg.train.steps, mup.lr_scales(cfg.model), mup.lr_labels)
+    tx = optim.make(cfg.optim, cfg.train.steps, mup.lr_scales(cfg.model), mup.lr_labels,
+                    mup.decay_scales(cfg.model))
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
@@ -61,11 +62,12 @@ def _loss_and_grads(graphdef, params, rest, batch, num_tokens, key, cfg):
     def loss_fn(params):
         model = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=key) if cfg.model.dropout > 0 else None
-        logits_BLV = forward(model, batch, rngs)
+        logits_BLV, router = forward_with_aux(model, batch, rngs)  # router: MoE losses or {}
         share = batch["weights"].sum() / num_tokens  # this micro-batch's share of all tokens
         total, aux = loss.cross_entropy(logits_BLV, batch["targets"], batch["weights"],
                                         cfg.optim.z_loss, with_accuracy=False)
-        return total * share, {k: v * share for k, v in aux.items() if k != "num_tokens"}
+        total = total + loss.router_loss(router, cfg.model.moe)
+        return total * share, {k: v * share for k, v in (aux | router).items() if k != "num_tokens"}
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -182,8 +184,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
     """Train (or resume training) in `workdir`; returns the last logged metrics.
 
     `devices` (default: all) lets one process train on a subset, e.g. a 1-device baseline.
-    `force_resume` continues a workdir whose config.json differs in keys that config.RESUMABLE
-    does not allow to change.
+    `force_resume` continues a workdir (or forks a train.fork_from) whose config.json differs
+    in keys or schedule that lmjax/resume.py does not allow to change.
     """
     devices = jax.devices() if devices is None else devices
     validate.validate(cfg, len(devices))
@@ -196,10 +198,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
     with (distributed.workdir_lease(workdir, cfg.train.lease_timeout) as held,
           jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)),
           distributed.preemption_notice() as preempted):
-        _check_resumable(cfg, workdir, data.tokenizer, force_resume)
+        resume.check(cfg, workdir, data.tokenizer, force_resume)
         fns = compile_fns(cfg, mesh)
         ckpt = checkpoint.manager(workdir, cfg.checkpoint)
         restored = checkpoint.restore(ckpt, fns.abstract_state)
+        if restored is None and cfg.train.fork_from:  # e.g. a cooldown from a constant-LR run
+            restored = resume.fork(cfg, fns.abstract_state, data.tokenizer, force_resume)
         if restored is None:
             state, start = fns.init(), 0
             if cfg.train.init_from:  # finetune / extend the context of a trained model
@@ -214,44 +218,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None,
         for problem in sharding.assert_sharded(state, cfg.mesh.rules):
             print(f"warning: {problem}")
         return _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted, held)
-
-
-def _check_resumable(cfg, workdir: str, tokenizer, force: bool) -> None:
-    """Refuse a workdir written with another config or tokenizer, naming what differs."""
-    differ, root = [], paths.resolve(workdir)
-    if (root / "config.json").exists():
-        if not _is_run_config(root / "config.json"):
-            raise ValueError(f"Workdir {workdir} holds a config.json that lmjax did not write; "
-                             f"use another --workdir.")
-        differ = config_lib.resume_conflicts(root / "config.json", cfg)
-    saved_tokenizer = root / "tokenizer.model"
-    if tokenizer is not None and saved_tokenizer.exists():
-        if saved_tokenizer.read_bytes() != tokenizer.serialized():
-            differ.append("tokenizer model file")
-    if differ and not force and not _has_checkpoint(root):
-        print(f"warning: {workdir} holds the config of a run that saved no checkpoint "
-              f"(different {', '.join(differ)}); starting it over with this one.")
-        return
-    if differ and not force:
-        raise ValueError(f"Workdir {workdir} holds a run with a different {', '.join(differ)}; "
-                         f"use another --workdir, or --force_resume to continue it anyway.")
-    if differ:
-        print(f"warning: continuing {workdir} with a different {', '.join(differ)}.")
-
-
-def _is_run_config(path) -> bool:
-    """Valid JSON with a run's groups (invalid JSON is resume_conflicts' to name)."""
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return True
-    return isinstance(saved, dict) and {"model", "data", "optim", "train"} <= set(saved)
-
-
-def _has_checkpoint(root) -> bool:
-    """Whether a step was ever saved here (an unfinished save's folder is not a number)."""
-    folder = root / "checkpoints"
-    return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,8 +275,10 @@ class _Log:
     no spike), and a row is written every train.log_every steps and whenever `extra` (an
     evaluation) comes with it."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, mesh, start: int):
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, mesh, start: int,
+                 train_tokens: int | None = None):
         self.cfg, self.last = cfg, {}
+        self.train_tokens = train_tokens  # one pass over the data: rows log their epochs
         self.writer = metrics.Writer(workdir, resume_step=start, cfg=cfg)
         self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         seq_len = cfg.data.seq_len
@@ -347,6 +315,8 @@ class _Log:
         self.last = {**values, **extra, "tokens": step_done * self.tokens_per_step,
                      "tokens_per_s": rate, "flops": step_done * self.counted_per_step,
                      "mfu": rate * self.flops_per_token / self.peak}
+        if self.train_tokens:  # repeated data (Muennighoff et al. 2023), for lmjax fit
+            self.last["epochs"] = self.last["tokens"] / self.train_tokens
         self.writer.write(step_done, self.last)
         self.bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{rate:,.0f}")
 
@@ -367,7 +337,9 @@ def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted, held) ->
         checkpoint.save(ckpt, step, state, data.train.get_state())
 
     step_fn, eval_fn, save_fn = faults.inject(fns.step, evaluate_at, save, start)
-    log, trace, pending = _Log(cfg, workdir, mesh, start), profiler.Window(cfg, workdir), None
+    kept = checkpoint.keep_steps(cfg.checkpoint)  # saved too: where cooldown forks start
+    log = _Log(cfg, workdir, mesh, start, data.train_tokens)
+    trace, pending = profiler.Window(cfg, workdir), None
     try:
         for done in range(start + 1, cfg.train.steps + 1):
             held.check()
@@ -380,7 +352,7 @@ def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted, held) ->
                 log(*pending)
             pending, last = (done, step_metrics, {}), done == cfg.train.steps
             is_eval = last or bool(cfg.train.eval_every and done % cfg.train.eval_every == 0)
-            is_save = last or done % cfg.checkpoint.every == 0
+            is_save = last or done % cfg.checkpoint.every == 0 or done in kept
             if is_eval or is_save:  # the loss is checked before a save can keep it
                 log(done, step_metrics, eval_fn(state, done) if is_eval else {})
                 pending = None

@@ -14,7 +14,7 @@ import math
 
 import ml_collections
 
-from lmjax import config, flops, metrics, model, optim, sharding
+from lmjax import checkpoint, config, flops, metrics, model, moe, mup, optim, resume, sharding
 from lmjax.data import pipeline
 
 ON_NONFINITE = ("stop", "skip")  # what train.py does with a step whose loss or norm is not finite
@@ -75,7 +75,8 @@ RANGES = {
     "seed": count(0),
     **{f"model.{k}": count(1) for k in ("vocab_size", "d_model", "num_layers", "num_heads",
                                         "num_kv_heads", "head_dim", "mlp_dim", "max_len",
-                                        "mup_base_width", "mup_base_head_dim")},
+                                        "mup_base_width", "mup_base_attn_dim",
+                                        "mup_base_mlp_dim", "mup_base_head_dim")},
     "model.norm_eps": above(0),
     "model.rope_theta": above(1),
     "model.rope_scaling_factor": Range(1),
@@ -85,6 +86,19 @@ RANGES = {
     "model.attention_window": count(0, note="0 = full attention"),
     "model.dropout": FRACTION,
     "model.init_std": above(0),
+    "model.mup_base_depth": count(0, note="0 = no depth-μP"),
+    "model.mup_depth_alpha": Range(0.5, 1),
+    **{f"model.mup_{k}": above(0) for k in ("output_mult", "attn_mult", "embed_mult",
+                                             "lr_embed", "lr_hidden", "lr_readout")},
+    "model.mup_readout_init_mult": Range(0, note="0 = zero-init"),
+    "model.moe.num_experts": count(0, note="0 = dense"),
+    "model.moe.top_k": count(1),
+    "model.moe.num_shared_experts": count(0),
+    "model.moe.expert_mlp_dim": count(1),
+    "model.moe.every_nth_layer": count(1),
+    "model.moe.aux_loss_weight": Range(0),
+    "model.moe.z_loss_weight": Range(0),
+    "model.moe.capacity_factor": above(0),
     "data.seq_len": count(1),
     "data.global_batch_size": count(1),
     "data.eval_fraction": FRACTION,
@@ -92,8 +106,8 @@ RANGES = {
     "data.read_threads": count(0),
     "data.prefetch": count(0),
     "data.worker_count": count(0, note="0 = in the training process"),
-    **{f"mesh.{a}": AXIS for a in ("data", "fsdp", "seq", "tensor")},
-    **{f"mesh.dcn_{a}": count(1) for a in ("data", "fsdp", "seq", "tensor")},
+    **{f"mesh.{a}": AXIS for a in ("data", "fsdp", "seq", "tensor", "expert")},
+    **{f"mesh.dcn_{a}": count(1) for a in ("data", "fsdp", "seq", "tensor", "expert")},
     # train before optim: optim.warmup_steps is bounded by train.steps
     "train.steps": count(1),
     "train.tokens_budget": Range(0, note="0 = off"),
@@ -104,10 +118,13 @@ RANGES = {
     "train.eval_batches": count(0),
     "train.spike_factor": above(1, also=(0,), note="0 = off"),
     "train.lease_timeout": above(0),
+    "train.fork_step": Range(0, "train.steps", high_open=True, integer=True,
+                             note="0 = where the WSD cooldown begins"),
     "optim.lr": above(0),
     "optim.warmup_steps": Range(0, "train.steps", high_open=True, integer=True),
     "optim.end_lr_fraction": SHARE,
     "optim.wsd_decay_fraction": SHARE,
+    "optim.cooldown_steps": count(0, note="0 = optim.wsd_decay_fraction's"),
     "optim.b1": FRACTION,
     "optim.b2": FRACTION,
     "optim.eps": above(0),
@@ -161,16 +178,21 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...
     """Raise ValueError naming the first impossible setting; return the mesh shape."""
     check_ranges(cfg)
     model.validate(cfg)
+    mup.validate(cfg)
     pipeline.validate(cfg)
     _validate_run(cfg)
     optim.validate(cfg)
-    return sharding.validate(cfg, num_devices)
+    shape = sharding.validate(cfg, num_devices)
+    moe.validate_expert_axis(cfg.model, shape[sharding.AXES.index("expert")])
+    return shape
 
 
 def _validate_run(cfg: ml_collections.ConfigDict) -> None:
     config.check_choices(cfg, {"train.on_nonfinite": ON_NONFINITE,
                                "train.flops_convention": flops.CONVENTIONS})
     metrics.loggers(cfg.train.loggers)
+    checkpoint.keep_steps(cfg.checkpoint)
+    resume.validate(cfg)
     steps = budget_steps(cfg)
     if steps is not None and steps != cfg.train.steps:
         raise ValueError(f"train.steps={cfg.train.steps} disagrees with the budget, which gives "

@@ -77,3 +77,23 @@ def pytest_runtest_makereport(item, call):
                                                                                  "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under LMJAX_NO_SKIPS=1: {report.longrepr}"
+
+
+def pytest_configure(config):
+    """Hand pytest-xdist's workers the longest files first (see pytest_collection_modifyitems):
+    its default order, by number of tests per file, sends the few-test multi-process files
+    last, so one worker finishes them alone while the other idles."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the files by their measured seconds, longest first (the LPT rule: two workers
+    then finish within about one short file of each other). tests/durations.json holds each
+    file's time from a full run; regenerate it with tests/durations.py after adding a slow
+    file. A file it does not know counts as 30 s. Tests keep their order within a file."""
+    import json
+
+    with open(os.path.join(ROOT, "tests", "durations.json")) as f:
+        seconds = json.load(f)
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], 30.0))

@@ -37,8 +37,8 @@ def test_train_writes_a_complete_workdir(tmp_path):
     (["--config.model.d_modl=3"],
      "Unknown config key 'model.d_modl' (did you mean 'model.d_model'?)."),
     (["--config.mesh.data=3"],
-     ("Mesh mesh.data=3, mesh.fsdp=1, mesh.seq=1, mesh.tensor=1 does not divide the 8 "
-      "available devices.")),
+     ("Mesh mesh.data=3, mesh.fsdp=1, mesh.seq=1, mesh.tensor=1, mesh.expert=1 does not "
+      "divide the 8 available devices.")),
     (["--config.mesh.data=1", "--config.mesh.tensor=8"],
      "model.num_heads=4 is not divisible by the tensor axis (mesh.tensor=8)."),
     (["--config.data.global_batch_size=12"],

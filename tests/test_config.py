@@ -103,7 +103,7 @@ def test_validate(key, value, message):
     cfg[group][name] = value
     with pytest.raises(ValueError, match=re.escape(message)):
         validate.validate(cfg, 8)
-    assert validate.validate(config.load(SMOKE), 8) == (8, 1, 1, 1)  # data, fsdp, seq, tensor
+    assert validate.validate(config.load(SMOKE), 8) == (8, 1, 1, 1, 1)  # sharding.AXES order
 
 
 def test_every_numeric_key_has_a_range_that_its_default_meets():

@@ -78,7 +78,8 @@ def test_golden_counts_for_base_config():
     non_embedding = 4 * block + 256 + 256 * 2048  # blocks, final norm, untied unembedding
     assert non_embedding == 4_720_896
     assert flops.count_params(m) == {"total": 5_245_184, "embedding": embed,
-                                     "non_embedding": non_embedding}
+                                     "non_embedding": non_embedding, "active": 5_245_184,
+                                     "active_non_embedding": non_embedding}  # dense: all active
     # 6 * 4,720,896 + 6 * layers 4 * T 256 * d_attn 256
     assert flops.flops_per_token(m, 256) == 28_325_376 + 1_572_864 == 29_898_240
     assert flops.forward_flops_per_token(m, 256) == 29_898_240 / 3

@@ -22,7 +22,8 @@ def test_tiny_shape_by_hand_in_every_convention():
     m, T = tiny_model(), 10
     # per block: q k v o 4·16·16 = 1024, MLP 2·16·32 = 1024, two norm scales 32 -> 2,080
     # non-embedding: 2 blocks 4,160 + final norm 16 + untied unembedding 16·64 = 1,024
-    assert flops.count_params(m) == {"total": 6224, "embedding": 1024, "non_embedding": 5200}
+    assert flops.count_params(m) == {"total": 6224, "embedding": 1024, "non_embedding": 5200,
+                                     "active": 6224, "active_non_embedding": 5200}
     # project: 6·5,200 + 6·layers 2·T 10·d_attn 16 = 31,200 + 1,920
     assert flops.flops_per_token(m, T) == flops.flops_per_token(m, T, "project") == 33_120
     # kaplan: 6 x (5,200 - unembedding 1,024)

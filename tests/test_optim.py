@@ -42,6 +42,44 @@ def test_decays_match_their_formulas():
     assert float(wsd(110)) == pytest.approx(0.1, abs=1e-6)
 
 
+def test_wsd_cooldowns_match_hand_computed_values():
+    """Hägele et al. 2024: hold lr, then over the last cooldown_steps decay linearly or as
+    1 - sqrt, to end_lr_fraction x lr; no cooldown (fraction 0) is a constant lr."""
+    total = 110  # warmup 10, stable to step 90, cooldown 90..110
+    lin = optim.schedule(cfg_with(schedule="wsd", cooldown_steps=20, end_lr_fraction=0.0), total)
+    sqrt = optim.schedule(cfg_with(schedule="wsd", cooldown_steps=20, cooldown_shape="1-sqrt",
+                                   end_lr_fraction=0.0), total)
+    sqrt_end = optim.schedule(cfg_with(schedule="wsd", cooldown_steps=20,
+                                       cooldown_shape="1-sqrt"), total)
+    for t, want_lin, want_sqrt in [(89, 1.0, 1.0), (90, 1.0, 1.0), (95, 0.75, 0.5),
+                                   (105, 0.25, 1 - math.sqrt(0.75)), (109, 0.05, 1 - math.sqrt(
+                                       0.95)), (110, 0.0, 0.0), (120, 0.0, 0.0)]:
+        assert float(lin(t)) == pytest.approx(want_lin, abs=1e-6)
+        assert float(sqrt(t)) == pytest.approx(want_sqrt, abs=1e-6)
+        assert float(sqrt_end(t)) == pytest.approx(0.1 + 0.9 * want_sqrt, abs=1e-6)
+    flat = optim.schedule(cfg_with(schedule="wsd", wsd_decay_fraction=0.0), total)
+    assert [float(flat(t)) for t in (5, 10, 110, 10_000)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_first_change_finds_the_first_step_whose_lr_moves():
+    """A longer constant or WSD-before-cooldown run keeps every earlier lr; cosine does not."""
+    def run(steps, **optim_keys):
+        c = base.get_config()
+        c.optim.update(lr=1.0, warmup_steps=10, **optim_keys)
+        c.train.steps = steps
+        return c
+
+    assert optim.first_change(run(100, schedule="constant"), run(400, schedule="constant"),
+                              100) is None
+    wsd = dict(schedule="wsd", cooldown_steps=20)  # 100 steps: the cooldown starts at 80
+    assert optim.first_change(run(100, **wsd), run(400, **wsd), 82) == (
+        81, pytest.approx(1 - 0.9 / 20), 1.0)
+    assert optim.first_change(run(100, **wsd), run(400, **wsd), 81) is None
+    step, before, after = optim.first_change(run(100, schedule="cosine"),
+                                             run(200, schedule="cosine"), 100)
+    assert step == 11 and before < after  # the first decayed step; warmup is unchanged
+
+
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="optim.schedule='exp' is unknown"):
         optim.schedule(cfg_with(schedule="exp"), 10)

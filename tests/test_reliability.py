@@ -352,6 +352,7 @@ def test_disk_full_mid_save_is_one_sentence_and_the_last_checkpoint_resumes(tmp_
         checkpoint.save(mngr, 2, nnx.State({"w": jax.numpy.ones(4)}), {"step": 2})
         mngr.wait_until_finished()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # Orbax's are dropped
+    mngr.close()  # every write thread has ended: none races the next run's cleanup
     monkeypatch.undo()
     abstract = nnx.State({"w": jax.ShapeDtypeStruct((4,), np.float32,
                                                     sharding=jax.numpy.zeros(4).sharding)})

@@ -4,7 +4,7 @@ law with noise (several seeds)."""
 import numpy as np
 import pytest
 
-from lmjax.scaling import fit
+from lmjax.scaling import fit, parametric
 
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 GAMMA = 0.34 * 0.28 / (0.34 + 0.28)  # L_opt(C) - E ∝ C^-gamma along the compute-optimal frontier
@@ -17,7 +17,7 @@ def curves(seed: int, noise: float = 0.003, sizes=(1e7, 1e11, 30)) -> list[dict]
     out = []
     for N in np.geomspace(*sizes):
         D = np.geomspace(1e8, 1e12, 50)
-        L = fit.parametric_loss(N, D, CHINCHILLA) * np.exp(rng.normal(0, noise, D.size))
+        L = parametric.parametric_loss(N, D, CHINCHILLA) * np.exp(rng.normal(0, noise, D.size))
         out.append({"N": N, "C": 6 * N * D, "D": D, "L": L})
     return out
 

@@ -11,7 +11,7 @@ import pytest
 
 from configs import smoke
 from lmjax import config, flops, validate
-from lmjax.scaling import fit, report, shapes
+from lmjax.scaling import collect, parametric, report, shapes, table
 
 LAW = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 BUDGETS = (3e11, 1e12, 3e12)
@@ -39,7 +39,7 @@ def write_run(workdir: str, target: float, budget: float) -> None:
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
         for step in np.unique(np.geomspace(1, cfg.train.steps, 40).astype(int)):
             D = step * tokens_per_step
-            row = {"step": int(step), "train/loss": float(fit.parametric_loss(N, D, LAW)),
+            row = {"step": int(step), "train/loss": float(parametric.parametric_loss(N, D, LAW)),
                    "tokens": int(D), "flops": float(step * per_step)}
             if step == cfg.train.steps:
                 row["eval/loss"] = row["train/loss"] + 0.01
@@ -101,6 +101,23 @@ def test_fits_find_the_law_that_wrote_the_runs(analyzed):
     # eval loss per size. (Exponents against a known law: tests/test_scaling_kaplan.py.)
     np.testing.assert_allclose(r["kaplan_c"]["points"]["L"], r["approach1"]["L_opt"])
     assert len(r["kaplan_n"]["points"]["N"]) == 7 and r["kaplan_d"]["x"] == "D"
+
+
+def test_runs_csv_reads_back_as_a_table(analyzed):
+    """runs.csv is a table `lmjax fit --table` reads: the same N, D, C, loss and FLOPs per token
+    as the workdirs (so the same fits); approach 3's compute-optimal exponents are in the runs'
+    FLOP count (6N plus attention: gamma < 1 over these tiny models), not 6ND."""
+    root, by_root = analyzed
+    rows = table.read(os.path.join(root, "fit", "runs.csv"))
+    runs = collect.collect(root)
+    for key in ("params_non_embedding", "tokens", "flops", "flops_budget", "eval_loss",
+                "flops_per_token"):
+        assert [r[key] for r in rows] == [float(r[key]) for r in runs], key
+    c = by_root["flops_per_token"]
+    assert c == table.flops_convention(runs, "params_non_embedding")
+    assert c["gamma"] < 1 and c["max_error"] < 0.05
+    for m in ("approach3", "approach3_besiroglu"):
+        assert by_root[m]["a"] == pytest.approx(parametric.exponents(by_root[m], c["gamma"])[0])
 
 
 def test_unknown_method_and_empty_root_name_the_cause(tmp_path):

@@ -113,3 +113,69 @@ def test_killed_sweep_finishes_on_rerun_and_a_finished_one_trains_nothing(tmp_pa
     assert proc.returncode == 0 and "4 members, 4 finished, 0 to train" in third, third
     assert "start" not in third
     assert mtimes(root) == finished
+
+
+COOLDOWNS = '''
+from configs import smoke
+from lmjax.scaling import sweep
+
+def get_config(arg=None):
+    return smoke.get_config()  # 8 x 32 tokens a step, warmup 5
+
+def get_sweep():  # one constant-LR trunk, cooled down at 20 and 40 steps
+    return sweep.cooldowns(get_config(), {"s": {"model.d_model": 16}}, [5120.0, 10240.0])
+'''
+
+
+def test_cooldown_forks_of_one_trunk_are_members(tmp_path):
+    """The forks start where WSD runs of 20 and 40 steps cool down (the last 20% of the steps
+    after warmup: 3 and 7 steps), the trunk trains to the last of them and keeps both."""
+    path = tmp_path / "sweep.py"
+    path.write_text(COOLDOWNS)
+    trunk, short, long = sweep.load(str(path))
+    assert (trunk.name, trunk.steps, trunk.parent) == ("s", 33, "")
+    assert trunk.overrides["checkpoint.keep_steps"] == "17,33"
+    assert trunk.overrides["optim.schedule"] == "constant"
+    assert (short.name, short.steps, short.parent, short.fork_step) == (
+        "s,tokens_budget=5120", 20, "s", 17)
+    assert (long.steps, long.fork_step) == (40, 33)
+    command = sweep.train_command(str(path), "/r/s,tokens_budget=5120", short)
+    assert "--config.train.fork_from=/r/s" in command
+    assert "--config.optim.schedule=wsd" in command
+    path.write_text(COOLDOWNS.replace("return sweep.cooldowns", "members = sweep.cooldowns")
+                    + '''    members["s"]["checkpoint.keep_steps"] = "33"\n    return members\n''')
+    with pytest.raises(ValueError, match=r"Sweep member s,tokens_budget=5120 forks s at step "
+                                         r"17, which s does not keep \(train.steps=33, "
+                                         r"checkpoint.every=10, max_to_keep=3\)"):
+        sweep.load(str(path))
+
+
+def test_a_fork_starts_only_once_its_parent_holds_its_step(tmp_path, monkeypatch):
+    """run_local with --parallel=3 and a stand-in for `lmjax train` that writes a member's
+    kept and final checkpoints when it ends: the forks wait for the trunk's steps."""
+    path, root = tmp_path / "sweep.py", tmp_path / "runs"
+    path.write_text(COOLDOWNS)
+    started = []
+
+    class Train:
+        def __init__(self, command, **_):
+            flags = dict(c.split("=", 1) for c in command if c.startswith("--"))
+            self.workdir = flags["--workdir"]
+            self.steps = [flags.get("--config.checkpoint.keep_steps", "")] + [
+                "33" if "fork_from" not in str(flags) else "end"]
+            started.append((os.path.basename(self.workdir),
+                            sorted(os.listdir(root / "s" / "checkpoints"))
+                            if (root / "s" / "checkpoints").is_dir() else []))
+            self.returncode = 0
+
+        def poll(self):
+            for step in ",".join(self.steps).split(","):
+                if step:
+                    os.makedirs(os.path.join(self.workdir, "checkpoints", step), exist_ok=True)
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Train)
+    status = sweep.run_local(str(path), str(root), parallel=3, log=lambda _: None)
+    assert started == [("s", []), ("s,tokens_budget=5120", ["17", "33"]),
+                       ("s,tokens_budget=10240", ["17", "33"])]
+    assert set(status.values()) == {"done"}

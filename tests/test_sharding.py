@@ -53,7 +53,7 @@ def test_check_reports_a_layout_that_differs_from_the_preset():
 
 def test_mesh_fill_and_errors():
     cfg = make_cfg(-1, 2, 2)
-    assert sharding.mesh_shape(cfg, 8) == (2, 2, 1, 2)  # data, fsdp, seq, tensor
+    assert sharding.mesh_shape(cfg, 8) == (2, 2, 1, 2, 1)  # data, fsdp, seq, tensor, expert
     cfg.mesh.update(data=3, fsdp=1, tensor=1)
     with pytest.raises(ValueError, match="does not divide the 8 available devices"):
         sharding.mesh_shape(cfg, 8)
@@ -101,9 +101,9 @@ def test_hybrid_mesh_puts_slices_along_the_dcn_axis():
     # 2 slices of 4 chips, listed interleaved: the slice, not the list order, decides.
     chips = [FakeChip(i, slice_index=i % 2) for i in range(8)]
     cfg = hybrid_cfg(fsdp=4, dcn_data=2)
-    assert sharding.mesh_shape(cfg, 8) == (2, 4, 1, 1)
+    assert sharding.mesh_shape(cfg, 8) == (2, 4, 1, 1, 1)
     grid = sharding.device_grid(cfg, chips)
-    assert grid.shape == (2, 4, 1, 1)
+    assert grid.shape == (2, 4, 1, 1, 1)
     assert [[c.slice_index for c in row.flat] for row in grid] == [[0] * 4, [1] * 4]
     assert [c.id for c in grid[1].flat] == [1, 3, 5, 7]
 
@@ -112,11 +112,11 @@ def test_hybrid_mesh_multiplies_ici_by_dcn_per_axis():
     chips = [FakeChip(i, process_index=i // 2) for i in range(8)]  # 4 nodes (processes) of 2
     cfg = hybrid_cfg(fsdp=2, dcn_data=2, dcn_fsdp=2)
     grid = sharding.device_grid(cfg, chips)
-    assert grid.shape == (2, 4, 1, 1)
+    assert grid.shape == (2, 4, 1, 1, 1)
     # fsdp = dcn_fsdp x ici_fsdp: nodes (0, 1) then (2, 3) along it, each node's 2 chips inside.
     assert [[c.process_index for c in row.flat] for row in grid] == [[0, 0, 1, 1], [2, 2, 3, 3]]
     cfg = hybrid_cfg(fsdp=-1, dcn_data=2)  # -1 fills the per-slice shape
-    assert sharding.ici_shape(cfg, 8) == (1, 4, 1, 1)
+    assert sharding.ici_shape(cfg, 8) == (1, 4, 1, 1, 1)
 
 
 def test_hybrid_mesh_errors_name_the_cause():
@@ -145,7 +145,7 @@ def test_hybrid_mesh_on_one_process_trains_like_a_flat_one():
         return float(m["train/loss"]), mesh
 
     hybrid, mesh = first_loss(hybrid_cfg(fsdp=4, dcn_data=2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "seq": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "seq": 1, "tensor": 1, "expert": 1}
     assert [d.id for d in mesh.devices[1].flat] == [4, 5, 6, 7]  # the second "slice"
     flat, _ = first_loss(hybrid_cfg(data=2, fsdp=4))
     assert hybrid == pytest.approx(flat, rel=1e-6)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from lmjax import train
+from lmjax import resume, train
 from lmjax.data import pipeline
 
 MESHES = {"dp8": (8, 1, 1), "fsdp8": (1, 8, 1), "mixed": (2, 2, 2), "single": (1, 1, 1)}
@@ -124,14 +124,14 @@ def test_a_run_that_saved_no_checkpoint_does_not_block_new_settings(tmp_path, ca
     cfg = smoke.get_config()
     config.save(cfg, tmp_path / "config.json")
     cfg.optim.lr = cfg.optim.lr / 2
-    train._check_resumable(cfg, str(tmp_path), None, force=False)
+    resume.check(cfg, str(tmp_path), None, force=False)
     assert "saved no checkpoint (different optim.lr); starting it over" in capsys.readouterr().out
     (tmp_path / "checkpoints" / "10").mkdir(parents=True)  # with a checkpoint, it is refused
     with pytest.raises(ValueError, match="holds a run with a different optim.lr"):
-        train._check_resumable(cfg, str(tmp_path), None, force=False)
+        resume.check(cfg, str(tmp_path), None, force=False)
 
 
 def test_a_config_json_lmjax_did_not_write_is_never_overwritten(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     with pytest.raises(ValueError, match="holds a config.json that lmjax did not write"):
-        train._check_resumable(smoke.get_config(), str(tmp_path), None, force=False)
+        resume.check(smoke.get_config(), str(tmp_path), None, force=False)

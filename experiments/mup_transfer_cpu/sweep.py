@@ -22,7 +22,8 @@ def get_config(arg: str | None = None):
     del arg
     c = base.get_config()
     c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=HEAD_DIM,
-                   mlp_dim=128, max_len=32, mup_base_width=64, mup_base_head_dim=HEAD_DIM)
+                   mlp_dim=128, max_len=32, mup_base_width=64, mup_base_attn_dim=64,
+                   mup_base_mlp_dim=128, mup_base_head_dim=HEAD_DIM)
     c.data.update(seq_len=32, global_batch_size=8)
     c.optim.update(warmup_steps=20)  # then cosine to 0.1 x lr; AdamW, wd 0.1, clip 1
     c.train.update(steps=200, log_every=10, eval_every=0, eval_batches=32)

@@ -21,7 +21,8 @@ COMMANDS = {
     "bench": ("bench", "measure training throughput of a named model on synthetic data"),
     "sweep": ("sweep", "train every member of --sweep=FILE under --root (skips finished, "
                        "resumes the rest)"),
-    "fit": ("fit", "fit scaling laws to the runs under --root; write results, table and figures"),
+    "fit": ("fit", "fit scaling laws to the runs under --root or in --table; write results, "
+                   "table and figures; --plan_flops plans a budget"),
     "tokenizer": ("tokenizer", "tokenizer train --input=GLOB|lang=GLOB,... --vocab_size=N "
                                "--out=PREFIX [--model_type=unigram --language_alpha=0.3] | "
                                "tokenizer fertility --tokenizer=PATH --input=lang=GLOB,..."),

@@ -8,7 +8,8 @@ from lmjax.cli import common
 common.define_config()
 common.define_workdir()
 flags.DEFINE_bool("force_resume", False,
-                  "continue a workdir whose config.json differs in keys that matter")
+                  "continue a workdir (or fork a train.fork_from) whose config.json differs "
+                  "in keys that matter or in the learning rate of steps already taken")
 flags.DEFINE_string("coordinator", "", "HOST:PORT of process 0 in a multi-process run "
                     "(default: $JAX_COORDINATOR_ADDRESS, or a TPU pod / SLURM / Open MPI "
                     "cluster JAX detects; none: one process)")

@@ -147,6 +147,10 @@ class Data:
     train: BatchIterator | PackedIterator  # infinite; this process's part of each global batch
     eval_batches: list[dict]  # fixed held-out batches (host-local numpy), same format as train
     tokenizer: Tokenizer | None  # None for the synthetic source
+    # Target tokens in one pass over the training rows, so a run can log its epochs of
+    # repeated data (Muennighoff et al. 2023). None where one pass is not a fixed set: synthetic
+    # rows, TFDS documents packed on the fly, a mixture's sources repeating at their own rates.
+    train_tokens: int | None = None
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -220,6 +224,7 @@ def build(cfg: ml_collections.ConfigDict, process_index: int = 0, process_count:
         train=BatchIterator(train, process_index, process_count),
         eval_batches=_eval_batches(cfg, eval_rows, example, process_index, process_count),
         tokenizer=tokenizer,
+        train_tokens=None if d.source == "synthetic" else len(train_rows) * d.seq_len,
     )
 
 

@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints (GPT-2, LLaMA, Mistral, Qwen3, Gemma) to lmjax and back, via
-safetensors.
+"""Hugging Face checkpoints (GPT-2, LLaMA, Mistral, Qwen3, Gemma; Mixtral and Qwen3-MoE in
+interop/hf_moe.py) to lmjax and back, via safetensors.
 
     model, cfg = from_pretrained("path/to/hf_dir")      # config.json + *.safetensors
     lmjax convert --from_hf=HF_DIR --workdir=OUT         # an lmjax workdir: train, eval, sample
@@ -8,8 +8,8 @@ safetensors.
 Tensors are read with the `safetensors` package as numpy arrays: no torch and no pickle at run
 time (a pytorch_model.bin is refused, not unpickled); interop/files.py reads and writes the
 files, local or gs://. One table per family maps each lmjax parameter to its Hugging Face
-tensor with a function each way, so import and export cannot drift apart. Layout facts the
-table encodes:
+tensor with a function each way (interop/rules.py), so import and export cannot drift apart.
+Layout facts the table encodes:
 
 - torch `nn.Linear` stores [out, in]; lmjax kernels are [in, out] with heads split out
   (q: [D, N, H], o: [N, H, D]). GPT-2's `Conv1D` is already [in, out], and fuses q, k, v into
@@ -25,62 +25,33 @@ table encodes:
   norms are never decayed, so training is unchanged too).
 """
 
-import dataclasses
-import math
-from collections.abc import Callable
-
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from lmjax import checkpoint, inference, optim, paths
+from lmjax import checkpoint, inference, moe, optim, paths
 from lmjax import config as config_lib
 from lmjax import model as model_lib
-from lmjax.interop import files
+from lmjax.interop import files, hf_moe
+from lmjax.interop.rules import Rule, conv1d, same, torch_linear
 from lmjax.model import Transformer
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen3", "gemma")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen3", "gemma", *hf_moe.FAMILIES)
 # model_type -> the transformers class save_pretrained's config.json names
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
                  "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "gemma": "GemmaForCausalLM"}
+                 "gemma": "GemmaForCausalLM", **hf_moe.ARCHITECTURES}
 # Tensors a checkpoint may hold that are not parameters: GPT-2's causal-mask buffers, RoPE tables.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One lmjax parameter <-> (part of) one Hugging Face tensor."""
-
-    path: tuple  # key path in nnx.to_pure_dict(nnx.state(model))
-    hf: str  # tensor name in the safetensors file
-    to_lmjax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]  # parts sharing a name are concatenated (c_attn)
-
-
-def _same(path, hf):
-    return Rule(path, hf, lambda w: w, lambda w: w)
-
-
-def _torch_linear(path, hf, shape, n_in=1):
-    """nn.Linear [out, in] <-> a kernel of `shape` whose first n_in axes are inputs."""
-    return Rule(path, hf, lambda w: w.T.reshape(shape),
-                lambda k: k.reshape(math.prod(shape[:n_in]), -1).T)
-
-
-def _conv1d(path, hf, shape, n_in=1):
-    """GPT-2 Conv1D [in, out] <-> a kernel of `shape` whose first n_in axes are inputs."""
-    return Rule(path, hf, lambda w: w.reshape(shape),
-                lambda k: k.reshape(math.prod(shape[:n_in]), -1))
-
-
 def _gpt2_rules(m: ml_collections.ConfigDict) -> list[Rule]:
     D, N, H, F = m.d_model, m.num_heads, m.head_dim, m.mlp_dim
-    rules = [_same(("embed", "embedding"), "transformer.wte.weight"),
-             _same(("pos_embed", "embedding"), "transformer.wpe.weight"),
-             _same(("final_norm", "scale"), "transformer.ln_f.weight"),
-             _same(("final_norm", "bias"), "transformer.ln_f.bias")]
+    rules = [same(("embed", "embedding"), "transformer.wte.weight"),
+             same(("pos_embed", "embedding"), "transformer.wpe.weight"),
+             same(("final_norm", "scale"), "transformer.ln_f.weight"),
+             same(("final_norm", "bias"), "transformer.ln_f.bias")]
     for i in range(m.num_layers):
         b, h = ("blocks", i), f"transformer.h.{i}."
         for j, name in enumerate("qkv"):  # c_attn = [q | k | v] along its output axis
@@ -92,16 +63,16 @@ def _gpt2_rules(m: ml_collections.ConfigDict) -> list[Rule]:
                      lambda w, j=j: w[j * D:(j + 1) * D].reshape(N, H),
                      lambda k: k.reshape(N * H))]
         rules += [
-            _same(b + ("attn_norm", "scale"), h + "ln_1.weight"),
-            _same(b + ("attn_norm", "bias"), h + "ln_1.bias"),
-            _conv1d(b + ("attn", "o", "kernel"), h + "attn.c_proj.weight", (N, H, D), n_in=2),
-            _same(b + ("attn", "o", "bias"), h + "attn.c_proj.bias"),
-            _same(b + ("mlp_norm", "scale"), h + "ln_2.weight"),
-            _same(b + ("mlp_norm", "bias"), h + "ln_2.bias"),
-            _conv1d(b + ("mlp", "up", "kernel"), h + "mlp.c_fc.weight", (D, F)),
-            _same(b + ("mlp", "up", "bias"), h + "mlp.c_fc.bias"),
-            _conv1d(b + ("mlp", "down", "kernel"), h + "mlp.c_proj.weight", (F, D)),
-            _same(b + ("mlp", "down", "bias"), h + "mlp.c_proj.bias")]
+            same(b + ("attn_norm", "scale"), h + "ln_1.weight"),
+            same(b + ("attn_norm", "bias"), h + "ln_1.bias"),
+            conv1d(b + ("attn", "o", "kernel"), h + "attn.c_proj.weight", (N, H, D), n_in=2),
+            same(b + ("attn", "o", "bias"), h + "attn.c_proj.bias"),
+            same(b + ("mlp_norm", "scale"), h + "ln_2.weight"),
+            same(b + ("mlp_norm", "bias"), h + "ln_2.bias"),
+            conv1d(b + ("mlp", "up", "kernel"), h + "mlp.c_fc.weight", (D, F)),
+            same(b + ("mlp", "up", "bias"), h + "mlp.c_fc.bias"),
+            conv1d(b + ("mlp", "down", "kernel"), h + "mlp.c_proj.weight", (F, D)),
+            same(b + ("mlp", "down", "bias"), h + "mlp.c_proj.bias")]
     return rules
 
 
@@ -111,29 +82,33 @@ def _gemma_norm(path, hf):
 
 
 def _llama_rules(m: ml_collections.ConfigDict, kind: str = "llama") -> list[Rule]:
-    """LLaMA and the families built on its tensor names (Mistral, Qwen3, Gemma)."""
+    """LLaMA and the families built on its tensor names (Mistral, Qwen3, Gemma, the MoEs)."""
     D, N, K, H, F = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
-    norm = _gemma_norm if kind == "gemma" else _same
-    rules = [_same(("embed", "embedding"), "model.embed_tokens.weight"),
+    norm = _gemma_norm if kind == "gemma" else same
+    rules = [same(("embed", "embedding"), "model.embed_tokens.weight"),
              norm(("final_norm", "scale"), "model.norm.weight")]
     if not m.tie_embeddings:
-        rules.append(_torch_linear(("unembed", "kernel"), "lm_head.weight", (D, m.vocab_size)))
+        rules.append(torch_linear(("unembed", "kernel"), "lm_head.weight", (D, m.vocab_size)))
     for i in range(m.num_layers):
         b, h = ("blocks", i), f"model.layers.{i}."
         rules += [
             norm(b + ("attn_norm", "scale"), h + "input_layernorm.weight"),
-            _torch_linear(b + ("attn", "q", "kernel"), h + "self_attn.q_proj.weight", (D, N, H)),
-            _torch_linear(b + ("attn", "k", "kernel"), h + "self_attn.k_proj.weight", (D, K, H)),
-            _torch_linear(b + ("attn", "v", "kernel"), h + "self_attn.v_proj.weight", (D, K, H)),
-            _torch_linear(b + ("attn", "o", "kernel"), h + "self_attn.o_proj.weight", (N, H, D),
-                          n_in=2),
-            norm(b + ("mlp_norm", "scale"), h + "post_attention_layernorm.weight"),
-            _torch_linear(b + ("mlp", "gate", "kernel"), h + "mlp.gate_proj.weight", (D, F)),
-            _torch_linear(b + ("mlp", "up", "kernel"), h + "mlp.up_proj.weight", (D, F)),
-            _torch_linear(b + ("mlp", "down", "kernel"), h + "mlp.down_proj.weight", (F, D))]
+            torch_linear(b + ("attn", "q", "kernel"), h + "self_attn.q_proj.weight", (D, N, H)),
+            torch_linear(b + ("attn", "k", "kernel"), h + "self_attn.k_proj.weight", (D, K, H)),
+            torch_linear(b + ("attn", "v", "kernel"), h + "self_attn.v_proj.weight", (D, K, H)),
+            torch_linear(b + ("attn", "o", "kernel"), h + "self_attn.o_proj.weight", (N, H, D),
+                         n_in=2),
+            norm(b + ("mlp_norm", "scale"), h + "post_attention_layernorm.weight")]
+        if moe.is_moe_layer(m, i):
+            rules += hf_moe.rules(m, b, h, kind)
+        else:
+            rules += [
+                torch_linear(b + ("mlp", "gate", "kernel"), h + "mlp.gate_proj.weight", (D, F)),
+                torch_linear(b + ("mlp", "up", "kernel"), h + "mlp.up_proj.weight", (D, F)),
+                torch_linear(b + ("mlp", "down", "kernel"), h + "mlp.down_proj.weight", (F, D))]
         if m.qk_norm:  # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE
-            rules += [_same(b + ("attn", "q_norm", "scale"), h + "self_attn.q_norm.weight"),
-                      _same(b + ("attn", "k_norm", "scale"), h + "self_attn.k_norm.weight")]
+            rules += [same(b + ("attn", "q_norm", "scale"), h + "self_attn.q_norm.weight"),
+                      same(b + ("attn", "k_norm", "scale"), h + "self_attn.k_norm.weight")]
     return rules
 
 
@@ -202,12 +177,15 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
                      num_kv_heads=hf.get("num_key_value_heads") or heads,
                      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
                      mlp_dim=hf["intermediate_size"], mlp="geglu" if gemma else "swiglu",
-                     norm="rms", embed_scale=gemma, qk_norm=kind == "qwen3",
-                     attention_window=(hf.get("sliding_window") or 0) if kind == "mistral" else 0,
+                     norm="rms", embed_scale=gemma, qk_norm=kind.startswith("qwen3"),
+                     attention_window=(hf.get("sliding_window") or 0)
+                     if kind in ("mistral", "mixtral") else 0,
                      norm_eps=hf["rms_norm_eps"], position="rope",
                      rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 1e4),
                      max_len=hf["max_position_embeddings"], use_bias=False,
                      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)))
+            if kind in hf_moe.FAMILIES:
+                hf_moe.config_from_hf(hf, m)
     except KeyError as e:
         raise KeyError(f"config.json of a {kind} checkpoint lacks the key {e.args[0]!r}.") \
             from None
@@ -223,6 +201,8 @@ def _rope_family(m: ml_collections.ConfigDict) -> str:
     """The LLaMA-like family a RoPE model's switches point to; family() then checks the rest."""
     if m.mlp == "geglu" or m.embed_scale:
         return "gemma"
+    if m.moe.num_experts:
+        return "qwen3_moe" if m.qk_norm else "mixtral"
     return "qwen3" if m.qk_norm else "mistral" if m.attention_window else "llama"
 
 
@@ -240,6 +220,7 @@ def family(m: ml_collections.ConfigDict) -> str:
         "mistral": dict(common, **plain),
         "qwen3": dict(common, **{**plain, "qk_norm": True}, attention_window=0),
         "gemma": dict(common, mlp="geglu", embed_scale=True, qk_norm=False, attention_window=0)}
+    wants_of.update(mixtral=wants_of["mistral"], qwen3_moe=wants_of["qwen3"])
     if m.position not in ("learned", "rope"):
         raise ValueError(f"model.position={m.position!r} has no Hugging Face equivalent: GPT-2 "
                          "uses 'learned', the others 'rope'.")
@@ -248,6 +229,8 @@ def family(m: ml_collections.ConfigDict) -> str:
         if m[key] != value:
             raise ValueError(f"model.{key}={m[key]!r} has no {name} equivalent in Hugging Face "
                              f"({name} needs {value!r}).")
+    if m.moe.num_experts:  # GPT-2 and Gemma have no MoE twin: their wants above refuse it
+        hf_moe.check(m, name)
     return name
 
 
@@ -273,7 +256,8 @@ def config_to_hf(cfg: ml_collections.ConfigDict, eos_id: int | None = None) -> d
             "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
             "attention_bias": False, "mlp_bias": False,
-            "tie_word_embeddings": m.tie_embeddings, "dtype": "float32", **special, **own}
+            "tie_word_embeddings": m.tie_embeddings, "dtype": "float32", **special, **own,
+            **hf_moe.config_to_hf(m, kind)}
 
 
 # ------------------------------------------------------------------------------ weights
@@ -303,6 +287,7 @@ def from_pretrained(path: paths.PathLike, rope_layout: str = "half_split"
     cfg = config_from_hf(hf)
     kind, m = hf["model_type"], cfg.model
     tensors = _normalise(files.read_tensors(path), kind)
+    tensors = hf_moe.stack_experts(tensors, m, kind, path)
     if m.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # a copy of the embedding, when written at all
     if kind == "llama" and rope_layout == "interleaved":
@@ -351,6 +336,7 @@ def save_pretrained(model: Transformer, cfg: ml_collections.ConfigDict, out: pat
         parts.setdefault(rule.hf, []).append(rule.to_hf(value))
     tensors = {name: np.ascontiguousarray(np.concatenate(p, axis=-1) if len(p) > 1 else p[0])
                for name, p in parts.items()}
+    tensors = hf_moe.unstack_experts(tensors, cfg.model, kind)  # a dense model's: unchanged
     eos, spm = (None, None) if tokenizer is None else (tokenizer.eos_id, tokenizer.serialized())
     files.write(out, config_to_hf(cfg, eos), tensors, spm)
 

@@ -1,16 +1,15 @@
-"""Scaling-law toolkit: run a sweep (`sweep`), read its workdirs (`collect`), fit Kaplan and
-Chinchilla laws (`fit`), and draw them (`plots`); `lmjax sweep` and `lmjax fit` drive it."""
+"""Scaling-law toolkit: run a sweep (`sweep`), read its workdirs (`collect`) or a table of runs
+(`table`), fit Kaplan and Chinchilla laws (`fit`, `parametric`), and draw them (`plots`);
+`lmjax sweep` and `lmjax fit` drive it."""
 
 from lmjax.scaling.fit import (
-    compute_optimal,
     fit_envelope,
     fit_isoflop,
-    fit_parametric,
     fit_power_law,
     lower_envelope,
-    parametric_loss,
     power_law_loss,
 )
+from lmjax.scaling.parametric import compute_optimal, fit_parametric, parametric_loss, plan
 
 __all__ = ["compute_optimal", "fit_envelope", "fit_isoflop", "fit_parametric", "fit_power_law",
-           "lower_envelope", "parametric_loss", "power_law_loss"]
+           "lower_envelope", "parametric_loss", "plan", "power_law_loss"]

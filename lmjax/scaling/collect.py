@@ -4,6 +4,10 @@ metrics.jsonl (the files every run writes), with N counted from the config by lm
 Final losses are the last held-out evaluation (`train` always evaluates at its last step);
 training curves are the train loss averaged over a trailing window of logged rows, because a
 single small batch's loss is too noisy for approach 1's envelope.
+
+A WSD cooldown fork (train.fork_from) is a point like any run, at its total steps, tokens and
+FLOPs (its parent's steps included: its metrics count from the fork on); the run it forks, a
+constant-LR trunk whose last step never cooled down, is not (Hägele et al. 2024).
 """
 
 import csv
@@ -13,11 +17,13 @@ import json
 import numpy as np
 
 from lmjax import config as config_lib
-from lmjax import flops, paths
+from lmjax import flops, paths, resume
 
 TABLE_KEYS = ("name", "params", "params_non_embedding", "params_kaplan", "flops_per_token",
               "steps", "tokens", "flops", "flops_budget", "tokens_budget", "eval_loss",
-              "train_loss", "finished")
+              "train_loss", "finished", "fork_step", "params_active", "num_experts",
+              "granularity",  # these three: MoE runs (Krajewski et al. 2024); dense 0, 0
+              "epochs")
 
 
 def read_rows(workdir: paths.PathLike) -> list[dict]:
@@ -55,6 +61,9 @@ def load_run(workdir: paths.PathLike, window: int = 5) -> dict:
         "params": counts["params"],
         "params_non_embedding": counts["params_non_embedding"],
         "params_kaplan": counts["params_kaplan"],
+        "params_active": counts["params_active"],
+        "num_experts": cfg.model.moe.num_experts,
+        "granularity": counts["granularity"],
         "flops_per_token": counts["flops_per_token"],
         "steps": last["step"],
         "tokens": last["tokens"],
@@ -64,6 +73,11 @@ def load_run(workdir: paths.PathLike, window: int = 5) -> dict:
         "eval_loss": evals[-1]["eval/loss"] if evals else float("nan"),
         "train_loss": float(smooth[-1]),
         "finished": last["step"] == cfg.train.steps,
+        # tokens seen / one pass over the training set, as `train` logs it: nan for runs that
+        # could not know their dataset's size (pipeline.Data.train_tokens) or predate the key
+        "epochs": float(last.get("epochs", float("nan"))),
+        "fork_from": str(paths.resolve(cfg.train.fork_from)) if cfg.train.fork_from else "",
+        "fork_step": resume.fork_step(cfg) if cfg.train.fork_from else 0,  # steps not its own
         "curve": {"step": np.array([r["step"] for r in train]),
                   "tokens": np.array([r["tokens"] for r in train], np.float64),
                   "flops": np.array([r["flops"] for r in train], np.float64), "loss": smooth},
@@ -71,16 +85,16 @@ def load_run(workdir: paths.PathLike, window: int = 5) -> dict:
 
 
 def collect(root: paths.PathLike, finished_only: bool = True) -> list[dict]:
-    """Every run under `root` (a folder with a config.json and a metrics.jsonl), by name."""
+    """Every run under `root` (a folder with a config.json and a metrics.jsonl), by name, but
+    the trunks that cooldown forks under `root` were taken from."""
     root = paths.resolve(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Sweep root {str(root)!r} does not exist.")
-    runs = []
-    for workdir in sorted(root.iterdir()):
-        if all((workdir / f).is_file() for f in ("config.json", "metrics.jsonl")):
-            run = load_run(workdir)
-            if run["finished"] or not finished_only:
-                runs.append(run)
+    runs = [load_run(workdir) for workdir in sorted(root.iterdir())
+            if all((workdir / f).is_file() for f in ("config.json", "metrics.jsonl"))]
+    trunks = {run["fork_from"] for run in runs}
+    runs = [run for run in runs if (run["finished"] or not finished_only)
+            and run["workdir"] not in trunks]
     if not runs:
         raise ValueError(f"No finished runs under {str(root)!r} (a run is a folder with "
                          "config.json and metrics.jsonl whose last step is train.steps).")

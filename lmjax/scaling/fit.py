@@ -1,19 +1,18 @@
-"""Scaling-law fits: Kaplan's power laws and Chinchilla's approaches 1, 2 and 3.
+"""Scaling-law fits: Kaplan's power laws and Chinchilla's approaches 1 and 2; approach 3 is in
+parametric.py.
 
 Every fit works on plain arrays (N parameters, D tokens, C FLOPs, L loss), so it can be tested
-on synthetic data from a known law; `collect.py` turns a sweep's workdirs into those arrays.
+on synthetic data from a known law; `collect.py` turns a sweep's workdirs (and `table.py` a
+table of published runs) into those arrays.
 
-Approach 3 follows Besiroglu et al. 2024 ("Chinchilla scaling: a replication attempt"): fit
-log L with a Huber loss (delta 1e-3), L-BFGS from many starts, and a tight tolerance, because
-Hoffmann et al.'s published fit stopped early and their intervals were far too narrow; the
-intervals here come from a bootstrap over data points, refitting each resample.
+The laws that are a sum of power laws plus a constant (Kaplan's, Chinchilla's approach 3) are
+fitted in log-sum-exp form with a Huber loss on log L (Hoffmann et al. 2022, App. D.2),
+L-BFGS from the best of many starts, to a tight tolerance (Besiroglu et al. 2024: Hoffmann et
+al.'s fit had stopped early); the helpers for that are public here for parametric.py.
 """
-
-import itertools
 
 import numpy as np
 import scipy.optimize
-import scipy.special
 
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022 and Besiroglu et al. 2024
 # Hoffmann et al.'s grid of initialisations (appendix D.2): alpha, beta, e, a, b.
@@ -24,49 +23,63 @@ CHINCHILLA_GRID = {
     "a": np.arange(0.0, 25.1, 5.0),
     "b": np.arange(0.0, 25.1, 5.0),
 }
-_LBFGS = {"maxiter": 10_000, "ftol": 1e-15, "gtol": 1e-12}
+LBFGS = {"maxiter": 10_000, "ftol": 1e-15, "gtol": 1e-12}
 
 
-def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+def huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     """Huber loss of residuals and its derivative, elementwise."""
     small = np.abs(r) <= delta
     value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
     return value, np.where(small, r, delta * np.sign(r))
 
 
-def _lse_objective(theta: np.ndarray, features: np.ndarray, log_l: np.ndarray, delta: float):
-    """Huber(log L_pred - log L) for log L_pred = logsumexp_i(c_i - k_i · x_i) plus a constant
-    term; theta = (c_1..c_m, k_1..k_m, e). Returns (objective, gradient) for L-BFGS."""
+def lse_terms(theta_S: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """The terms c_i - k_i · x_i and e of log L_pred = logsumexp(terms) for each of S
+    parameter vectors theta = (c_1..c_m, k_1..k_m, e): start x point x term."""
     m = features.shape[1]
-    c, k, e = theta[:m], theta[m:2 * m], theta[2 * m]
-    terms = np.concatenate([c - k * features, np.full((len(log_l), 1), e)], axis=1)
-    pred = scipy.special.logsumexp(terms, axis=1)
-    value, dr = _huber(pred - log_l, delta)
+    theta_S = np.atleast_2d(theta_S)
+    return np.concatenate([
+        theta_S[:, None, :m] - theta_S[:, None, m:2 * m] * features[None],
+        np.broadcast_to(theta_S[:, None, 2 * m:2 * m + 1], (len(theta_S), len(features), 1))],
+        axis=2)
+
+
+def lse_objective(theta: np.ndarray, features: np.ndarray, log_l: np.ndarray, delta: float):
+    """Huber(log L_pred - log L) summed over points, and its gradient in theta (for L-BFGS)."""
+    m = features.shape[1]
+    terms = lse_terms(theta, features)[0]
+    pred = np.logaddexp.reduce(terms, axis=1)
+    value, dr = huber(pred - log_l, delta)
     weights = np.exp(terms - pred[:, None]) * dr[:, None]  # d objective / d term
     grad = np.concatenate([weights[:, :m].sum(0), -(weights[:, :m] * features).sum(0),
                            weights[:, m:].sum(0)])
     return value.sum(), grad
 
 
-def _fit_lse(features: np.ndarray, log_l: np.ndarray, starts: np.ndarray, delta: float,
-             keep: int) -> np.ndarray:
-    """L-BFGS from the `keep` best of `starts` (every start is scored first, vectorised, so a
-    4,500-point grid costs one pass); returns the best optimum found."""
-    m = features.shape[1]
-    terms_SNT = np.concatenate([  # start x point x term
-        starts[:, None, :m] - starts[:, None, m:2 * m] * features[None],
-        np.broadcast_to(starts[:, None, 2 * m:], (len(starts), len(log_l), 1))], axis=2)
-    scores = _huber(scipy.special.logsumexp(terms_SNT, axis=2) - log_l, delta)[0].sum(1)
+def minimize_from(objective, starts: np.ndarray, scores: np.ndarray, keep: int, args: tuple,
+                  bounds: list | None = None) -> np.ndarray:
+    """L-BFGS on `objective` (value and gradient) from the `keep` best-scored `starts`; the best
+    optimum found."""
     best = None
     for start in starts[np.argsort(scores)[:keep]]:
-        result = scipy.optimize.minimize(_lse_objective, start, args=(features, log_l, delta),
-                                         jac=True, method="L-BFGS-B", options=_LBFGS)
+        result = scipy.optimize.minimize(objective, start, args=args, jac=True, bounds=bounds,
+                                         method="L-BFGS-B", options=LBFGS)
         if best is None or result.fun < best.fun:
             best = result
     return best.x
 
 
-def _check(name: str, *arrays) -> list[np.ndarray]:
+def fit_lse(features: np.ndarray, log_l: np.ndarray, starts: np.ndarray, delta: float,
+            keep: int) -> np.ndarray:
+    """Minimise the Huber objective from the `keep` best of `starts` (every start is scored
+    first, vectorised, so a 4,500-point grid costs one pass)."""
+    pred_SN = np.logaddexp.reduce(lse_terms(starts, features), axis=2)
+    scores = huber(pred_SN - log_l, delta)[0].sum(1)
+    return minimize_from(lse_objective, starts, scores, keep, (features, log_l, delta))
+
+
+def check(name: str, *arrays) -> list[np.ndarray]:
+    """float64 arrays of equal length, every value finite and positive, or one sentence."""
     out = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
     if len({len(a) for a in out}) != 1:
         raise ValueError(f"{name}: the input arrays have different lengths "
@@ -77,67 +90,15 @@ def _check(name: str, *arrays) -> list[np.ndarray]:
     return out
 
 
-def _bootstrap(fit_once, n: int, samples: int, seed: int, names: list[str]) -> dict:
-    """Percentile 95% intervals of each named quantity over `samples` resamples of n points."""
-    rng = np.random.default_rng(seed)
-    draws = [fit_once(rng.integers(0, n, n)) for _ in range(samples)]
+def percentile_ci(draws: list[dict], names) -> dict:
+    """Percentile 95% interval of each named quantity over bootstrap draws."""
     return {k: tuple(np.percentile([d[k] for d in draws], [2.5, 97.5]).tolist()) for k in names}
 
 
-# ---------------------------------------------------------------------------- approach 3
-
-
-def parametric_loss(N, D, fit: dict) -> np.ndarray:
-    """L(N, D) = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022, eq. 2)."""
-    N, D = np.asarray(N, np.float64), np.asarray(D, np.float64)
-    return fit["E"] + fit["A"] / N ** fit["alpha"] + fit["B"] / D ** fit["beta"]
-
-
-def _parametric_dict(theta: np.ndarray) -> dict:
-    a, b, alpha, beta, e = theta
-    return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
-            "alpha": float(alpha), "beta": float(beta),
-            "a": float(beta / (alpha + beta)), "b": float(alpha / (alpha + beta))}
-
-
-def fit_parametric(N, D, L, *, bootstrap: int = 0, seed: int = 0, delta: float = HUBER_DELTA,
-                   keep: int = 8) -> dict:
-    """Approach 3: fit L(N, D) = E + A/N^alpha + B/D^beta by Huber loss on log L.
-
-    Returns E, A, B, alpha, beta, the compute-optimal exponents a = beta/(alpha+beta) (N_opt ∝
-    C^a) and b = alpha/(alpha+beta), `huber` (the objective per point) and, with bootstrap > 0,
-    `ci`: a 95% percentile interval of each, from refitting `bootstrap` resamples of the points.
-    """
-    N, D, L = _check("fit_parametric", N, D, L)
-    features = np.stack([np.log(N), np.log(D)], axis=1)
-    grid = CHINCHILLA_GRID
-    starts = np.array([(a, b, al, be, e) for al, be, e, a, b in itertools.product(
-        grid["alpha"], grid["beta"], grid["e"], grid["a"], grid["b"])])
-    theta = _fit_lse(features, np.log(L), starts, delta, keep)
-    out = _parametric_dict(theta)
-    out["huber"] = float(_lse_objective(theta, features, np.log(L), delta)[0] / len(L))
-    out["n_points"] = len(L)
-    if bootstrap:
-        # Each resample starts from the full-data optimum: it lies close to the resample's, and
-        # a grid search per resample would cost 10x more for the same answer.
-        def fit_once(idx):
-            return _parametric_dict(_fit_lse(features[idx], np.log(L[idx]), theta[None], delta,
-                                             keep=1))
-
-        out["ci"] = _bootstrap(fit_once, len(L), bootstrap, seed,
-                               ["E", "A", "B", "alpha", "beta", "a", "b"])
-    return out
-
-
-def compute_optimal(C, fit: dict, flops_per_param_token: float = 6.0) -> tuple:
-    """(N_opt, D_opt) minimising the approach-3 law under C = k·N·D (k = 6: Kaplan's and
-    Chinchilla's count); Hoffmann et al. 2022, eq. 4, in closed form."""
-    C = np.asarray(C, np.float64)
-    alpha, beta = fit["alpha"], fit["beta"]
-    G = (alpha * fit["A"] / (beta * fit["B"])) ** (1.0 / (alpha + beta))
-    budget = C / flops_per_param_token
-    N_opt = G * budget ** (beta / (alpha + beta))
-    return N_opt, budget / N_opt
+def bootstrap_draws(fit_once, n: int, samples: int, seed: int) -> list:
+    """fit_once(indices) on `samples` resamples of n points with replacement."""
+    rng = np.random.default_rng(seed)
+    return [fit_once(rng.integers(0, n, n)) for _ in range(samples)]
 
 
 # ---------------------------------------------------------------------------- Kaplan
@@ -146,7 +107,7 @@ def compute_optimal(C, fit: dict, flops_per_param_token: float = 6.0) -> tuple:
 def fit_power_law(x, L, *, bootstrap: int = 0, seed: int = 0, delta: float = HUBER_DELTA) -> dict:
     """Kaplan et al. 2020: L(x) = E + (x_c / x)^alpha for x = N, D or C (the irreducible E
     as in Henighan et al. 2020). Same Huber-on-log-loss objective as approach 3."""
-    x, L = _check("fit_power_law", x, L)
+    x, L = check("fit_power_law", x, L)
     features = np.log(x)[:, None]
     # theta = (alpha·log x_c, alpha, log E); log x_c starts spread over and beyond the data.
     starts = np.array([(al * lxc, al, e) for al in (0.05, 0.1, 0.3, 0.6, 1.0)
@@ -158,12 +119,12 @@ def fit_power_law(x, L, *, bootstrap: int = 0, seed: int = 0, delta: float = HUB
         return {"E": float(np.exp(e)), "alpha": float(alpha),
                 "x_c": float(np.exp(k_alpha / alpha)) if alpha else float("inf")}
 
-    theta = _fit_lse(features, np.log(L), starts, delta, keep=4)
-    out = to_dict(theta)
-    if bootstrap:
-        out["ci"] = _bootstrap(
-            lambda idx: to_dict(_fit_lse(features[idx], np.log(L[idx]), theta[None], delta, 1)),
-            len(L), bootstrap, seed, ["E", "alpha", "x_c"])
+    out = to_dict(fit_lse(features, np.log(L), starts, delta, keep=4))
+    if bootstrap:  # each resample from the whole start grid, as in parametric.py
+        draws = bootstrap_draws(
+            lambda idx: to_dict(fit_lse(features[idx], np.log(L[idx]), starts, delta, keep=2)),
+            len(L), bootstrap, seed)
+        out["ci"] = percentile_ci(draws, ["E", "alpha", "x_c"])
     return out
 
 
@@ -228,7 +189,7 @@ def fit_isoflop(N, D, L, C, *, bootstrap: int = 0, seed: int = 0) -> dict:
     result does not depend on the FLOP convention. Budgets whose parabola opens downwards (the
     sizes do not bracket the optimum) are dropped and listed in `dropped`.
     """
-    N, D, L, C = _check("fit_isoflop", N, D, L, C)
+    N, D, L, C = check("fit_isoflop", N, D, L, C)
     minima = _isoflop_minima(N, D, L, C)
     if len(minima["C"]) < 2:
         raise ValueError(f"fit_isoflop: only {len(minima['C'])} compute budget(s) have >= 3 "

@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 
 from lmjax import paths  # noqa: E402
 from lmjax.scaling import fit as fit_lib  # noqa: E402
+from lmjax.scaling import parametric  # noqa: E402
 
 
 def _colors(values) -> dict:
@@ -72,12 +73,12 @@ def optimal(results: dict, path: paths.PathLike) -> None:
         for ax, key, k, e in ((axes[0], "N_opt", "k_N", "a"), (axes[1], "D_opt", "k_D", "b")):
             ax.scatter(C, r[key], marker=marker, s=20)
             ax.plot(grid, r[k] * grid ** r[e], lw=1, label=f"{method}: {e} = {r[e]:.2f}")
-    p3 = results.get("approach3")
+    p3, c = results.get("approach3"), results.get("flops_per_token", {"k": 6.0, "gamma": 1.0})
     if p3 and results.get("approach2"):
         grid = np.geomspace(min(results["approach2"]["C"]), max(results["approach2"]["C"]), 20)
-        N_opt, D_opt = fit_lib.compute_optimal(grid, p3)
-        axes[0].plot(grid, N_opt, "--", label=f"approach3 (C=6ND): a = {p3['a']:.2f}")
-        axes[1].plot(grid, D_opt, "--", label=f"approach3 (C=6ND): b = {p3['b']:.2f}")
+        N_opt, D_opt = parametric.compute_optimal(grid, p3, c["k"], c["gamma"])
+        axes[0].plot(grid, N_opt, "--", label=f"approach3: a = {p3['a']:.2f}")
+        axes[1].plot(grid, D_opt, "--", label=f"approach3: b = {p3['b']:.2f}")
     for ax, name in zip(axes, ("N_opt", "D_opt"), strict=True):
         ax.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel=name)
         ax.legend(fontsize=7)
@@ -101,7 +102,7 @@ def kaplan(results: dict, path: paths.PathLike) -> None:
 
 def residuals(N, D, L, result: dict, path: paths.PathLike) -> None:
     """log L - log L_pred of the approach-3 fit against N, coloured by D."""
-    resid = np.log(L) - np.log(fit_lib.parametric_loss(N, D, result))
+    resid = np.log(L) - np.log(parametric.parametric_loss(N, D, result))
     fig, ax = plt.subplots(figsize=(6, 4))
     points = ax.scatter(N, resid, c=np.log10(D), cmap="viridis")
     fig.colorbar(points, ax=ax, label="log10 D")

@@ -6,9 +6,13 @@ within aspect ratios d_model / n_layers of about 20-200; holding the ratio fixed
 removes shape as a confounder, so a size is one number.
 """
 
-import ml_collections
+import functools
+import os
 
-from lmjax import flops
+import ml_collections
+import numpy as np
+
+from lmjax import config, flops
 
 # (layers, d_model, heads, head_dim, mlp_dim): GPT-3 (Brown et al. 2020, table 2.1), the family
 # Kaplan's laws were extrapolated to.
@@ -30,6 +34,18 @@ def shape(d_model: int, aspect: int, head_dim: int, mlp_ratio: float) -> dict:
             "mlp_dim": int(round(mlp_ratio * d_model))}
 
 
+def moe_shape(mlp_dim: int, expansion: int, granularity: int, top_k: int = 1) -> dict:
+    """Model overrides (`moe.*`) for one point of Krajewski et al. 2024's fine-grained MoE grid
+    around a dense MLP of mlp_dim: `expansion` E experts of mlp_dim each at granularity 1, and
+    granularity G = mlp_dim / expert_mlp_dim. G cuts every expert into G narrower ones and
+    routes to G times as many, so total and active parameters stay those of G = 1 while G
+    varies: sweep expansion x granularity (x size and tokens) and fit L(N, D, G) to the rows."""
+    if mlp_dim % granularity:
+        raise ValueError(f"Granularity {granularity} does not divide mlp_dim={mlp_dim}.")
+    return {"moe.num_experts": expansion * granularity, "moe.top_k": top_k * granularity,
+            "moe.expert_mlp_dim": mlp_dim // granularity}
+
+
 def shape_for_params(target: float, model_cfg: ml_collections.ConfigDict, aspect: int = 32,
                      head_dim: int = 16, mlp_ratio: float = 4.0,
                      kind: str = "non_embedding") -> dict:
@@ -49,3 +65,25 @@ def shape_for_params(target: float, model_cfg: ml_collections.ConfigDict, aspect
         if n > 2 * target:
             return {**best[1], "params": best[2]}
         width += head_dim
+
+
+@functools.cache
+def gpt3_counts() -> dict[str, dict[str, int]]:
+    """Parameter counts of GPT3's shapes, as configs/gpt2.py builds them (GPT-3 is GPT-2's
+    architecture: vocabulary 50257, tied embeddings) with GPT-3's 2,048-token context."""
+    base = config.load(os.path.join(config.configs_dir(), "gpt2.py") + ":small").model
+    counts = {}
+    for name, (layers, d_model, heads, head_dim, mlp_dim) in GPT3.items():
+        model = base.copy_and_resolve_references()
+        model.update(num_layers=layers, d_model=d_model, num_heads=heads, num_kv_heads=heads,
+                     head_dim=head_dim, mlp_dim=mlp_dim, max_len=2048)
+        counts[name] = flops.count_params(model)
+    return counts
+
+
+def nearest_gpt3(n: float, kind: str = "non_embedding") -> tuple[str, int]:
+    """(name, count) of the GPT-3 shape whose `kind` count ('total', 'non_embedding'; Kaplan's
+    count is the non-embedding one for these tied models) is nearest n in log scale."""
+    kind = "non_embedding" if kind == "kaplan" else kind
+    name = min(GPT3, key=lambda k: abs(np.log(gpt3_counts()[k][kind] / n)))
+    return name, gpt3_counts()[name][kind]

@@ -11,8 +11,14 @@ a process, and an unfinished one is resumed by `lmjax train` from its last check
 
 The root may be a URL (gs://BUCKET/sweep, what a TPU pod's hosts share): every workdir is read
 through lmjax/paths.py and handed to `lmjax train` as the URL itself.
+
+A member whose `train.fork_from` names another member forks that member's workdir (Hägele et
+al. 2024: one constant-LR trunk per size, a WSD cooldown branched at each token count;
+`cooldowns` writes such members). It starts once its parent holds the step it forks, and
+loading the sweep refuses a fork whose parent would not keep that step.
 """
 
+import copy
 import dataclasses
 import pathlib
 import re
@@ -23,9 +29,10 @@ import sys
 import tempfile
 import time
 
+import ml_collections
 from etils import epath
 
-from lmjax import checkpoint, paths, validate
+from lmjax import checkpoint, paths, resume, validate
 from lmjax import config as config_lib
 from lmjax.scaling import collect
 
@@ -35,6 +42,8 @@ class Member:
     name: str
     overrides: dict  # {'a.b': value}
     steps: int  # train.steps after budgets: what "finished" means
+    parent: str = ""  # the member whose workdir train.fork_from names
+    fork_step: int = 0  # the parent's step it forks
 
 
 def _text(value) -> str:
@@ -66,7 +75,7 @@ def load(path: str) -> list[Member]:
         raise ValueError(f"Sweep file {path!r}: get_sweep() must return a non-empty list of "
                          "{'a.b': value} dicts, or a dict {name: such a dict}.")
     named = sweep.items() if isinstance(sweep, dict) else [(_name(o), o) for o in sweep]
-    members = []
+    members, cfgs = [], {}
     for name, overrides in named:
         if not re.fullmatch(r"[\w.=,+-]+", str(name)) or name in (".", ".."):
             raise ValueError(f"Sweep member name {name!r} is not a folder name (letters, "
@@ -77,10 +86,56 @@ def load(path: str) -> list[Member]:
             message = e.args[0] if e.args else e
             raise ValueError(f"Sweep member {name}: {message}") from None
         members.append(Member(name, dict(overrides), cfg.train.steps))
+        cfgs[name] = cfg
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"Sweep members {twice} appear more than once in get_sweep().")
+    return [_with_parent(m, cfgs) for m in members]
+
+
+def _with_parent(member: Member, cfgs: dict) -> Member:
+    """`member` with the sibling it forks, refused (naming both) if that one would not keep
+    the step: its checkpoints are deleted as it trains on (checkpoint.max_to_keep)."""
+    parent = member.overrides.get("train.fork_from", "")
+    if parent not in cfgs:
+        return member
+    step, kept = resume.fork_step(cfgs[member.name]), cfgs[parent]
+    if not resume.keeps(kept, step):
+        raise ValueError(f"Sweep member {member.name} forks {parent} at step {step}, which "
+                         f"{parent} does not keep (train.steps={kept.train.steps}, "
+                         f"checkpoint.every={kept.checkpoint.every}, max_to_keep="
+                         f"{kept.checkpoint.max_to_keep}); add it to {parent}'s "
+                         "checkpoint.keep_steps.")
+    return dataclasses.replace(member, parent=parent, fork_step=step)
+
+
+def cooldowns(cfg: ml_collections.ConfigDict, trunks: dict[str, dict], budgets: list[float],
+              key: str = "train.tokens_budget", fraction: float = 0.2,
+              shape: str = "1-sqrt") -> dict[str, dict]:
+    """get_sweep()'s members for WSD scaling laws from one run per size (Hägele et al. 2024):
+    each of `trunks` ({name: overrides of `cfg`, the sweep's get_config()}) trains at constant
+    LR after warmup, and for each of `budgets` (values of `key`) a member forks it where a WSD
+    run of that budget starts its cooldown (the last `fraction` of the steps after warmup,
+    shaped `shape`), so that it ends as that WSD run would. The trunk trains to the last fork
+    and keeps every forked step (checkpoint.keep_steps); only the forks are fit points."""
+    members = {}
+    for name, overrides in trunks.items():
+        forks = {}
+        for budget in budgets:
+            fork = {**overrides, key: budget, "optim.schedule": "wsd", "optim.cooldown_steps": 0,
+                    "optim.wsd_decay_fraction": fraction, "optim.cooldown_shape": shape,
+                    "train.fork_from": name}
+            branch = copy.deepcopy(cfg)
+            for k, v in fork.items():
+                config_lib.set_value(branch, k, _text(v))
+            validate.apply_budget(branch)
+            forks[f"{name},{_name({key: budget})}"] = fork, resume.fork_step(branch)
+        steps = sorted({step for _, step in forks.values()})
+        members[name] = {**overrides, "optim.schedule": "constant", "train.tokens_budget": 0.0,
+                         "train.flops_budget": 0.0, "train.steps": steps[-1],
+                         "checkpoint.keep_steps": ",".join(map(str, steps))}
+        members.update({fork_name: fork for fork_name, (fork, _) in forks.items()})
     return members
 
 
@@ -95,16 +150,25 @@ def is_finished(workdir: str, steps: int) -> bool:
     return checkpoint.is_complete(workdir, steps)
 
 
+def _overrides(workdir: str, member: Member) -> list[str]:
+    """The member's --config flags; a parent member named by train.fork_from becomes its
+    workdir, the sibling of `workdir`."""
+    given = dict(member.overrides)
+    if member.parent:
+        given["train.fork_from"] = str(paths.resolve(workdir).parent / member.parent)
+    return [f"--config.{k}={_text(v)}" for k, v in given.items()]
+
+
 def train_command(path: str, workdir: str, member: Member) -> list[str]:
     return [sys.executable, "-m", "lmjax", "train", f"--config={path}", f"--workdir={workdir}",
-            *[f"--config.{k}={_text(v)}" for k, v in member.overrides.items()]]
+            *_overrides(workdir, member)]
 
 
 def tpu_command(path: str, workdir: str, member: Member, tpu: str) -> list[str]:
     """The member handed to launch/tpu_pod.py, which runs the command on every host of `tpu`
     (`--worker=all`); the workdir should be a gs:// path every host can reach."""
     train = ["lmjax", "train", f"--config={path}", f"--workdir={workdir}",
-             *[f"--config.{k}={_text(v)}" for k, v in member.overrides.items()]]
+             *_overrides(workdir, member)]
     return [sys.executable, "launch/tpu_pod.py", f"--tpu={tpu}", "--", *train]
 
 
@@ -136,6 +200,12 @@ def _upload_log(workdir: epath.Path, local_logs: pathlib.Path | None) -> None:
         (workdir / "train.log").write_bytes((local_logs / f"{workdir.name}.log").read_bytes())
 
 
+def _ready(root: str, member: Member) -> bool:
+    """A fork of a sibling may start once that one's checkpoint at its fork step is whole."""
+    return not member.parent or checkpoint.is_complete(workdir_of(root, member.parent),
+                                                       member.fork_step)
+
+
 def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
               env: dict | None = None, log=print) -> dict[str, str]:
     """Train every unfinished member, `parallel` at a time; returns {name: status}, status one
@@ -159,8 +229,15 @@ def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # -> KeyboardInterrupt
     try:
         while queue or running:
-            while queue and len(running) < parallel:
-                m = queue.pop(0)
+            waiting = {m.name for m in queue} | set(running)
+            for m in [m for m in queue if m.parent and m.parent not in waiting
+                      and not _ready(root, m)]:
+                queue.remove(m)
+                status[m.name] = "failed"
+                log(f"  failed {m.name}: {m.parent} ended without step {m.fork_step} to fork")
+            while len(running) < parallel and (m := next(
+                    (m for m in queue if _ready(root, m)), None)) is not None:
+                queue.remove(m)
                 workdir = paths.resolve(workdir_of(root, m.name))
                 workdir.mkdir(parents=True, exist_ok=True)
                 with _log_file(workdir, local_logs).open("a") as out:
@@ -205,7 +282,7 @@ def run_tpu(path: str, root: str, tpu: str, dry_run: bool = False, log=print) ->
     member at a time). `root` must be visible from the pod (gs://) for skips to be seen."""
     members = load(path)
     status = {m.name: "skipped" for m in members if is_finished(workdir_of(root, m.name), m.steps)}
-    for m in members:
+    for m in sorted(members, key=lambda m: bool(m.parent)):  # parents before their forks
         if m.name in status:
             continue
         command = tpu_command(path, workdir_of(root, m.name), m, tpu)

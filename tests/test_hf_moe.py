@@ -2,7 +2,6 @@
 tiny models imported (unrolled and under scan_layers), exported, and through a converted
 workdir; router settings Hugging Face cannot hold are refused in one sentence."""
 
-import copy
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lmjax import config, flops  # noqa: E402
-from lmjax import model as model_lib  # noqa: E402
 from lmjax.interop import hf  # noqa: E402
+from tests.test_families import scanned_twin, torch_logits  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 12))
 
@@ -42,19 +41,6 @@ def build(kind):
 def logits(model, tokens):
     """One compilation rather than op-by-op dispatch: 3x faster on a busy CPU."""
     return model(tokens)
-
-
-def torch_logits(model, tokens):
-    with torch.no_grad():
-        return model.eval()(torch.tensor(tokens)).logits.numpy()
-
-
-def scanned_twin(model, cfg):
-    cfg = copy.deepcopy(cfg.model)
-    cfg.scan_layers = True
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(state, model_lib.stack_layers(nnx.to_pure_dict(nnx.state(model))))
-    return nnx.merge(graphdef, state)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])

@@ -98,10 +98,23 @@ def test_command_prints_json_last_and_runs_with_huge_page_malloc():
     assert r["glibc_tunables"] == cpu_host.HOST_MALLOC_TUNABLE
 
 
-def test_host_malloc_keeps_the_users_tunables_or_opts_out(tmp_path):
+def test_host_malloc_keeps_the_users_tunables_or_opts_out(tmp_path, monkeypatch):
+    execs = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: execs.append((argv, env)))
     users = "glibc.malloc.trim_threshold=1000000000"
-    r = json.loads(_bench_command({**os.environ, "GLIBC_TUNABLES": users})[-1])
-    assert r["glibc_tunables"] == f"{users}:{cpu_host.HOST_MALLOC_TUNABLE}"
+    monkeypatch.setenv("GLIBC_TUNABLES", users)
+    monkeypatch.delenv("LMJAX_HOST_MALLOC", raising=False)
+    cpu_host.tune_host_malloc(["/x/lmjax", "bench", "--steps=1"])
+    [(argv, env)] = execs
+    assert argv == [sys.executable, "-m", "lmjax", "bench", "--steps=1"]
+    assert env["GLIBC_TUNABLES"] == f"{users}:{cpu_host.HOST_MALLOC_TUNABLE}"
+    monkeypatch.setenv("GLIBC_TUNABLES", env["GLIBC_TUNABLES"])  # the re-executed process
+    cpu_host.tune_host_malloc(["/x/lmjax", "bench"])  # runs on
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("LMJAX_HOST_MALLOC", "default")
+    cpu_host.tune_host_malloc(["/x/lmjax", "bench"])  # opted out
+    assert len(execs) == 1
+    monkeypatch.undo()
     env = {**os.environ, "LMJAX_HOST_MALLOC": "default"}
     env.pop("GLIBC_TUNABLES", None)
     # run from elsewhere: without the re-exec nothing else puts the checkout on sys.path, and

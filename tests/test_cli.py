@@ -23,7 +23,7 @@ def test_train_writes_a_complete_workdir(tmp_path):
     workdir = tmp_path / "run"
     out = lmjax("train", "--config=configs/smoke.py", f"--workdir={workdir}",
                 "--config.train.steps=6", "--config.train.eval_every=3",
-                "--config.checkpoint.every=3", "--config.optim.warmup_steps=2")
+                "--config.checkpoint.every=3", "--config.optim.warmup_steps=2", devices=1)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]

@@ -116,6 +116,24 @@ def test_every_remat_policy_gives_the_gradients_of_none(remat, scan):
                  grads_r, grads_none)
 
 
+def test_remat_policies_save_fewer_residuals_than_none():
+    """What remat is for, so that the test above cannot pass with remat doing nothing: the
+    backward pass keeps fewer values (the residuals jax.vjp's pullback holds: 122,548 floats
+    with none, 59,179 with dots_saveable, 39,019 with full when measured) as the policy
+    saves less."""
+    saved = {}
+    for remat in ("none", "dots_saveable", "full"):
+        m = model_lib.Transformer(tiny(scan_layers=False, remat=remat), nnx.Rngs(params=0))
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+        def loss(params, graphdef=graphdef, rest=rest):
+            return nnx.merge(graphdef, params, rest)(tokens()[:, :-1]).sum()
+
+        pullback = jax.eval_shape(lambda p, loss=loss: jax.vjp(loss, p)[1], params)
+        saved[remat] = sum(x.size for x in jax.tree.leaves(pullback))
+    assert saved["full"] < 0.8 * saved["dots_saveable"] < 0.8 * saved["none"], saved
+
+
 def test_offload_on_cpu_says_it_keeps_activations_in_memory():
     """The train step's builder says so (train.with_kernel); the model never asks its backend."""
     cfg = smoke.get_config()

@@ -75,27 +75,18 @@ ONE_BLOCK_BYTES = 2 * TABLE_BYTES + LAYER_BYTES // 4 + 256 * 4
 O_BYTES = 4 * 64 * 256 * 4  # the attention output projection: [heads, head_dim, embed]
 
 
-@pytest.fixture(scope="module")
-def tpu_zero1_and_dp():
-    """ZeRO-1 and plain DP over 'data' on v5p-8 (4 chips, described by libtpu, none attached),
-    for a 1-block bench model: ~40 s to compile each."""
-    def plan_for(shard_optimizer):
-        cfg = config.load("configs/bench.py", ["model.num_layers=1", "mesh.data=4",
-                                               "mesh.rules=dp",
-                                               f"mesh.shard_optimizer={shard_optimizer}"])
-        return plan.plan(cfg, plan.tpu_devices("v5p-8"))
-
-    return plan_for(True), plan_for(False)
-
-
 @needs_libtpu
-def test_zero1_on_tpu_reduce_scatters_gradients_and_gathers_weights(tpu_zero1_and_dp):
-    """What ZeRO-1 is for, checked where it runs: XLA:TPU sums each gradient with a
-    reduce-scatter over 'data' (1/4 of it per chip) and gathers the updated weights, where plain
-    DP all-reduces every gradient. (XLA:CPU may lower the same layout as an all-reduce and a
-    slice: test_zero1_reduce_scatters_every_gradient_and_gathers_every_weight.)"""
-    zero1, dp = tpu_zero1_and_dp
-    assert zero1["param_bytes"] == dp["param_bytes"] == ONE_BLOCK_BYTES
+def test_zero1_on_tpu_reduce_scatters_gradients_and_gathers_weights():
+    """What ZeRO-1 is for, checked where it runs: on v5p-8 (4 chips, described by libtpu, none
+    attached), for a 1-block bench model, XLA:TPU sums each gradient with a reduce-scatter over
+    'data' (1/4 of it per chip) and gathers the updated weights, where plain DP all-reduces
+    every gradient (test_dp_all_reduces_every_gradient_once). XLA:CPU may lower the same layout
+    as an all-reduce and a slice: test_zero1_reduce_scatters_every_gradient_and_gathers_every_
+    weight."""
+    cfg = config.load("configs/bench.py", ["model.num_layers=1", "mesh.data=4", "mesh.rules=dp",
+                                           "mesh.shard_optimizer=True"])
+    zero1 = plan.plan(cfg, plan.tpu_devices("v5p-8"))  # ~40 s to compile
+    assert zero1["param_bytes"] == ONE_BLOCK_BYTES
     got = zero1["collectives"]
     # Every gradient byte is summed once: a quarter of it per chip by reduce-scatter, or whole
     # by all-reduce. The slack is the norm scales (3 of 256 floats) and scalars, ~3 kB.
@@ -106,10 +97,7 @@ def test_zero1_on_tpu_reduce_scatters_gradients_and_gathers_weights(tpu_zero1_an
     # (sharding.data_dim) is its 4 heads: XLA:TPU all-reduces that gradient whole.
     assert 4 * scattered >= ONE_BLOCK_BYTES - O_BYTES - 3 * 256 * 4
     assert got["all-gather"]["bytes"] == pytest.approx(ONE_BLOCK_BYTES, rel=1e-3)
-    assert set(dp["collectives"]) == {"all-reduce"}
-    assert dp["collectives"]["all-reduce"]["bytes"] == pytest.approx(ONE_BLOCK_BYTES,
-                                                                     rel=SCALARS_RTOL)
-    assert zero1["fits"] and dp["fits"]
+    assert zero1["fits"]
 
 
 def test_fsdp_gathers_weights_once_and_reduces_gradients(fsdp):
@@ -260,7 +248,7 @@ def test_link_bytes_weights_each_kind_by_what_a_ring_sends():
 
 
 @needs_libtpu
-def test_splash_and_ring_compile_ahead_of_time_for_a_tpu_slice():
+def test_splash_compiles_ahead_of_time_for_a_tpu_slice():
     """On v5p-8 (4 chips, described by libtpu, none attached): model.attention='auto' picks
     splash, which lowers to a Mosaic kernel; the plan prints a roofline for the chip."""
     cfg = config.load("configs/smoke.py", ["model.attention=auto", "model.dtype=bfloat16",

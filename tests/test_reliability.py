@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -104,11 +105,34 @@ def crash_and_resume(workdir, env: dict, plan: list[tuple[str, int]],
         code, log = run_train(workdir, env, f"{phase}:{step}")
         assert code == -signal.SIGKILL, f"{phase}:{step} did not kill (rc {code}): {log[-2000:]}"
         assert_rows_match(read_rows(workdir), baseline)
-        saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-        resumed_from.append(max(saved, default=0))
+        entries = os.listdir(os.path.join(workdir, "checkpoints"))
+        if phase == "save":  # killed while the async write was in flight: Orbax's tmp folder
+            assert any(".orbax-checkpoint-tmp" in e for e in entries), entries
+        resumed_from.append(max((int(d) for d in entries if d.isdigit()), default=0))
     code, log = run_train(workdir, env)
     assert code == 0, log[-3000:]
+    entries = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert all(e.isdigit() for e in entries), entries  # every unfinished write was cleaned up
     return resumed_from
+
+
+def settle(folder, quiet_s: float = 1.0, timeout_s: float = 60.0) -> None:
+    """Wait until nothing under `folder` changes for `quiet_s`: a save that failed in one item
+    leaves the others' native writes running in this process (a real run has exited by then),
+    and the next manager's clean-up must not race them."""
+    def snapshot():
+        try:
+            return sorted((os.path.join(d, f), os.stat(os.path.join(d, f)).st_mtime_ns)
+                          for d, _, files in os.walk(folder) for f in files)
+        except FileNotFoundError:  # renamed or removed while walked: still changing
+            return None
+    deadline, before = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        now = snapshot()
+        if now is not None and now == before:
+            return
+        before = now
+        time.sleep(quiet_s)
 
 
 # ------------------------------------------------------------------ crash and preemption
@@ -133,7 +157,7 @@ def baseline(env, tmp_path_factory):
 def test_sigkill_anywhere_then_resume_is_bitwise_exact(env, baseline, tmp_path):
     """Also determinism: the first run, a fresh process, matches the baseline's rows up to its
     kill bit for bit (crash_and_resume checks every row after every kill)."""
-    plan = kill_plan(seed=5, kills=4)
+    plan = kill_plan(seed=5, kills=3)
     assert {phase for phase, _ in plan} == {"step", "eval", "save"}
     resumed_from = crash_and_resume(tmp_path / "run", env, plan, baseline)
     assert all(s % SAVE_EVERY == 0 for s in resumed_from)
@@ -352,8 +376,9 @@ def test_disk_full_mid_save_is_one_sentence_and_the_last_checkpoint_resumes(tmp_
         checkpoint.save(mngr, 2, nnx.State({"w": jax.numpy.ones(4)}), {"step": 2})
         mngr.wait_until_finished()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # Orbax's are dropped
-    mngr.close()  # every write thread has ended: none races the next run's cleanup
+    mngr.close()
     monkeypatch.undo()
+    settle(tmp_path / "checkpoints")  # TensorStore may still be writing step 2's state
     abstract = nnx.State({"w": jax.ShapeDtypeStruct((4,), np.float32,
                                                     sharding=jax.numpy.zeros(4).sharding)})
     mngr = checkpoint.manager(str(tmp_path), cfg)  # the next run: the torn write is cleaned up

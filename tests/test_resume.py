@@ -17,7 +17,7 @@ from flax import nnx
 from configs import smoke
 from lmjax import checkpoint, config, paths, resume, sharding, train
 from lmjax.data import pipeline
-from lmjax.scaling import collect
+from lmjax.scaling import collect, report
 
 
 def smoke_cfg(**train_keys):
@@ -144,6 +144,10 @@ def test_collect_turns_each_cooldown_end_into_a_point(runs):
     fork = points["fork"]
     assert (fork["steps"], fork["tokens"], fork["fork_step"]) == (8, 8 * 8 * 32, 4)
     assert fork["eval_loss"] == points["wsd"]["eval_loss"] and fork["finished"]
+    # a fork logs only its cooldown: its curve is no run's, and the curve methods say so
+    with pytest.raises(ValueError, match="approach1 needs whole training curves; a cooldown "
+                                         "fork logs only its cooldown"):
+        report.analyze(str(root), "approach1", str(root / "fit"))
 
 
 @pytest.mark.slow

@@ -181,15 +181,35 @@ def _isoflop_minima(N, D, L, C) -> dict:
             "L_opt": np.array(L_opt), "parabolas": parabolas}
 
 
-def fit_isoflop(N, D, L, C, *, bootstrap: int = 0, seed: int = 0) -> dict:
+def _residual_resample(N, L, C, minima: dict, rng) -> np.ndarray:
+    """L with each bracketed budget's parabola residuals resampled (pooled over budgets and
+    scaled by sqrt(n / (n - 3)) for the three fitted coefficients): the sizes stay the designed
+    ones, as a resample of cases would not (with 5 sizes, one case resample in ~6 keeps only 3
+    distinct sizes, whose parabola passes through them exactly)."""
+    fitted, residuals = L.copy(), []
+    for c, p in zip(minima["C"], minima["parabolas"], strict=True):
+        sel = C == c
+        fitted[sel] = np.polyval(p, np.log(N[sel]))
+        residuals.append((L[sel] - fitted[sel]) * np.sqrt(sel.sum() / (sel.sum() - 3)))
+    pool = np.concatenate(residuals)
+    kept = np.isin(C, minima["C"])
+    return np.where(kept, fitted + rng.choice(pool, L.size), L)
+
+
+def fit_isoflop(N, D, L, C, *, bootstrap: int = 0, seed: int = 0,
+                resample: str = "residuals") -> dict:
     """Approach 2: per compute budget C (IsoFLOP), a parabola of L in log N locates N_opt;
     then N_opt = k_N · C^a and D_opt = k_D · C^b by least squares in log-log.
 
     D_opt is read off the budget's own (N, D) pairs at N_opt rather than from C = 6ND, so the
     result does not depend on the FLOP convention. Budgets whose parabola opens downwards (the
-    sizes do not bracket the optimum) are dropped and listed in `dropped`.
+    sizes do not bracket the optimum) are dropped and listed in `dropped`. The bootstrap
+    resamples the parabolas' residuals (the sizes are a design, not a sample: Davison & Hinkley
+    1997, section 6.2.3) or, with resample='cases', the runs within each budget.
     """
     N, D, L, C = check("fit_isoflop", N, D, L, C)
+    if resample not in ("residuals", "cases"):
+        raise ValueError(f"resample={resample!r} is not one of 'residuals', 'cases'.")
     minima = _isoflop_minima(N, D, L, C)
     if len(minima["C"]) < 2:
         raise ValueError(f"fit_isoflop: only {len(minima['C'])} compute budget(s) have >= 3 "
@@ -199,13 +219,16 @@ def fit_isoflop(N, D, L, C, *, bootstrap: int = 0, seed: int = 0) -> dict:
     out = {"a": a, "b": b, "k_N": k_N, "k_D": k_D,
            "dropped": sorted(set(np.unique(C).tolist()) - set(minima["C"].tolist())),
            **{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in minima.items()}}
-    if bootstrap:  # resample sizes within each budget, refit everything
+    if bootstrap:
         rng = np.random.default_rng(seed)
         groups = [np.flatnonzero(C == c) for c in np.unique(C)]
         draws = []
         for _ in range(bootstrap):
-            idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
-            m = _isoflop_minima(N[idx], D[idx], L[idx], C[idx])
+            if resample == "residuals":
+                m = _isoflop_minima(N, D, _residual_resample(N, L, C, minima, rng), C)
+            else:
+                idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
+                m = _isoflop_minima(N[idx], D[idx], L[idx], C[idx])
             if len(m["C"]) >= 2:
                 draws.append((_loglog_line(m["C"], m["N_opt"])[0],
                               _loglog_line(m["C"], m["D_opt"])[0]))
@@ -213,6 +236,7 @@ def fit_isoflop(N, D, L, C, *, bootstrap: int = 0, seed: int = 0) -> dict:
         out["ci"] = {"a": tuple(np.percentile(draws[:, 0], [2.5, 97.5]).tolist()),
                      "b": tuple(np.percentile(draws[:, 1], [2.5, 97.5]).tolist())}
         out["bootstrap_kept"] = len(draws)
+        out["resample"] = resample
     return out
 
 

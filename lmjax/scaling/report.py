@@ -31,6 +31,10 @@ PARAMS = {"non_embedding": "params_non_embedding", "total": "params", "kaplan": 
 def _fit_one(method: str, runs: list[dict], n_key: str, bootstrap: int, gamma: float) -> dict:
     if method in CURVES and "curve" not in runs[0]:
         raise ValueError(f"{method} needs training curves; a table holds final points only.")
+    if method in CURVES and any(r.get("fork_step") for r in runs):
+        raise ValueError(f"{method} needs whole training curves; a cooldown fork logs only its "
+                         "cooldown, whose points are not runs of their length: fit the forks' "
+                         "end points (approach2, approach3).")
     N = np.array([r[n_key] for r in runs], np.float64)
     D = np.array([r["tokens"] for r in runs], np.float64)
     L = np.array([r["eval_loss"] for r in runs])

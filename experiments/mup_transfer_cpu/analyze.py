@@ -1,11 +1,11 @@
-"""Collect the μP transfer sweep: final held-out loss per (width, parametrization, LR), the
-best LR of each curve, results.csv, table.md and mup_transfer.png (loss vs log2 LR, SP | μP).
+"""Collect the μP transfer sweep (sweep.py) and its base-width tuning (tune.py): held-out loss per
+(width, parametrization, LR, seed), the seed mean, each curve's best LR, results.csv, table.md
+and mup_transfer.png.
 
-    python experiments/mup_transfer_cpu/analyze.py --root=workdirs/mup_transfer_cpu \
-        --out=experiments/mup_transfer_cpu
+    python experiments/mup_transfer_cpu/analyze.py --root=workdirs/mup_sweep \
+        --tune=workdirs/mup_tune --depth=workdirs/mup_depth --out=experiments/mup_transfer_cpu
 
-Width 64 is the μP base width, where μP is SP exactly, so its SP runs fill both panels. A run
-that stopped on a NaN/Inf loss (lmjax stops it) counts as diverged: no loss, not plotted.
+A run that stopped on a NaN/Inf loss (lmjax stops it) counts as diverged: no loss, not plotted.
 """
 
 import argparse
@@ -16,81 +16,125 @@ import os
 import sys
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # sweep.py, and its configs/
-import sweep  # noqa: E402
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE))]  # the repository: configs/, experiments/
+from experiments.mup_transfer_cpu import depth, sweep, tune  # noqa: E402
 
-PARAMETRIZATIONS = {"sp": "SP", "mup": "μP"}
+LABELS = {"sp": "SP", "mup": "μP"}
 
 
-def final_losses(workdir: str) -> tuple[float, float]:
-    """(eval/loss at the end, train/loss of the last logged step); NaN if the run never got
-    there (diverged, or not trained)."""
+def final_loss(workdir: str) -> float:
+    """eval/loss after the last step; NaN if the run never got there (diverged, not trained)."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
-        return math.nan, math.nan
+        return math.nan
     with open(path) as f:
         rows = [json.loads(line) for line in f]
     last = rows[-1] if rows else {}
     if last.get("step") != sweep.get_config().train.steps or "eval/loss" not in last:
-        return math.nan, math.nan
-    return last["eval/loss"], last["train/loss"]
+        return math.nan
+    return last["eval/loss"]
 
 
 def collect(root: str) -> list[dict]:
     rows = []
-    for width in sweep.WIDTHS:
-        for p in PARAMETRIZATIONS:
-            run_p = "sp" if width == 64 else p  # the base width: μP == SP
-            for k in sweep.LOG2_LRS:
-                name = f"w{width}_{run_p}_log2lr{k}"
-                eval_loss, train_loss = final_losses(os.path.join(root, name))
-                rows.append({"width": width, "parametrization": p, "log2_lr": k, "lr": 2.0**k,
-                             "eval_loss": eval_loss, "train_loss": train_loss})
+    for d in sweep.WIDTHS:
+        for p, grid in (("mup", sweep.MUP_LOG2_LRS), ("sp", sweep.SP_LOG2_LRS)):
+            if p == "sp" and d != sweep.WIDTHS[-1]:
+                continue
+            for k in grid:
+                losses = [final_loss(os.path.join(root, sweep.name(d, p, k, s)))
+                          for s in sweep.SEEDS]
+                rows.append({"width": d, "parametrization": p, "log2_lr": k,
+                             **{f"loss_seed{s}": x for s, x in zip(sweep.SEEDS, losses,
+                                                                   strict=True)},
+                             "mean": float(np.mean(losses)),
+                             "spread": float(np.max(losses) - np.min(losses))})
     return rows
 
 
-def best(rows: list[dict], width: int, p: str) -> int | None:
-    done = [r for r in rows if r["width"] == width and r["parametrization"] == p
-            and not math.isnan(r["eval_loss"])]
-    return min(done, key=lambda r: r["eval_loss"])["log2_lr"] if done else None
+def best(rows: list[dict], d: int, p: str) -> dict | None:
+    done = [r for r in rows if (r["width"], r["parametrization"]) == (d, p)
+            and not math.isnan(r["mean"])]
+    return min(done, key=lambda r: r["mean"]) if done else None
 
 
 def table(rows: list[dict]) -> str:
-    head = "| width | param | " + " | ".join(f"2^{k}" for k in sweep.LOG2_LRS) + " | best |"
-    lines = [head, "|" + "---|" * (len(sweep.LOG2_LRS) + 3)]
-    for width in sweep.WIDTHS:
-        for p, label in PARAMETRIZATIONS.items():
-            cells = [r for r in rows if r["width"] == width and r["parametrization"] == p]
-            losses = ["—" if math.isnan(r["eval_loss"]) else f"{r['eval_loss']:.3f}"
-                      for r in cells]
-            b = best(rows, width, p)
-            lines.append(f"| {width} | {label} | " + " | ".join(losses) +
-                         f" | {'—' if b is None else f'2^{b}'} |")
+    grid = sorted({r["log2_lr"] for r in rows})
+    lines = ["| width | param | " + " | ".join(f"2^{k}" for k in grid) + " | best LR | best loss |",
+             "|" + "---|" * (len(grid) + 4)]
+    for d in sweep.WIDTHS:
+        for p, label in LABELS.items():
+            cells = {r["log2_lr"]: r for r in rows if (r["width"], r["parametrization"]) == (d, p)}
+            if not cells:
+                continue
+            text = [("—" if k not in cells else "div." if math.isnan(cells[k]["mean"]) else
+                     f"{cells[k]['mean']:.3f} ±{cells[k]['spread'] / 2:.3f}") for k in grid]
+            b = best(rows, d, p)
+            lines.append(f"| {d} | {label} | " + " | ".join(text) + " | " +
+                         (f"2^{b['log2_lr']} | {b['mean']:.3f}" if b else "— | —") + " |")
+    return "\n".join(lines)
+
+
+def tune_table(root: str) -> str:
+    lines = ["| α_out | " + " | ".join(f"2^{k}" for k in tune.LOG2_LRS) + " |",
+             "|" + "---|" * (len(tune.LOG2_LRS) + 1)]
+    for a in tune.OUTPUT_MULTS:
+        losses = [final_loss(os.path.join(root, f"w32_out{a:g}_log2lr{k}"))
+                  for k in tune.LOG2_LRS]
+        lines.append(f"| {a:g} | " + " | ".join("div." if math.isnan(x) else f"{x:.3f}"
+                                                for x in losses) + " |")
+    return "\n".join(lines)
+
+
+def depth_table(root: str) -> str:
+    """Loss per (depth, kind, LR) of depth.py's one seed, and each row's best LR."""
+    lines = ["| layers | | " + " | ".join(f"2^{k}" for k in depth.LOG2_LRS) + " | best LR |",
+             "|" + "---|" * (len(depth.LOG2_LRS) + 3)]
+    kinds = {"depth_mup": "μP + Depth-μP", "mup": "μP"}
+    for d in depth.DEPTHS:
+        for kind, label in kinds.items():
+            if kind == "mup" and d == depth.DEPTHS[0]:
+                continue
+            losses = [final_loss(os.path.join(root, depth.name(d, kind, k, s)))
+                      for k in depth.LOG2_LRS for s in depth.SEEDS]
+            finite = [(x, k) for x, k in zip(losses, depth.LOG2_LRS, strict=True)
+                      if not math.isnan(x)]
+            lines.append(f"| {d} | {label} | " + " | ".join(
+                "div." if math.isnan(x) else f"{x:.3f}" for x in losses) + " | " +
+                (f"2^{min(finite)[1]}" if finite else "—") + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, (p, label) in zip(axes, PARAMETRIZATIONS.items(), strict=True):
-        for width, color in zip(sweep.WIDTHS, ("tab:blue", "tab:red"), strict=True):
-            cells = [r for r in rows if r["width"] == width and r["parametrization"] == p
-                     and not math.isnan(r["eval_loss"])]
-            ax.plot([r["log2_lr"] for r in cells], [r["eval_loss"] for r in cells], "o-",
-                    color=color, label=f"d_model {width}")
-            b = best(rows, width, p)
-            if b is not None:
-                loss = next(r["eval_loss"] for r in cells if r["log2_lr"] == b)
-                ax.plot([b], [loss], "*", color=color, markersize=16)
-        ax.set(title=f"{label} (base width 64)", xlabel="log2 learning rate")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colors = plt.cm.viridis(np.linspace(0, 0.85, len(sweep.WIDTHS)))
+    widest = sweep.WIDTHS[-1]
+    panels = {"μP, every width": [(d, "mup") for d in sweep.WIDTHS],
+              f"width {widest}: SP and μP": [(widest, "sp"), (widest, "mup")]}
+    for ax, (title, curves) in zip(axes, panels.items(), strict=True):
+        for i, (d, p) in enumerate(curves):
+            color = colors[sweep.WIDTHS.index(d)] if title.startswith("μP") else f"C{i}"
+            cells = [r for r in rows if (r["width"], r["parametrization"]) == (d, p)
+                     and not math.isnan(r["mean"])]
+            x = [r["log2_lr"] for r in cells]
+            for s in sweep.SEEDS:
+                ax.plot(x, [r[f"loss_seed{s}"] for r in cells], ".", color=color, alpha=0.5)
+            ax.plot(x, [r["mean"] for r in cells], "-", color=color,
+                    label=f"{LABELS[p]} d_model {d}")
+            b = best(rows, d, p)
+            if b:
+                ax.plot([b["log2_lr"]], [b["mean"]], "*", color=color, markersize=14)
+        ax.set(title=title, xlabel="log2 learning rate")
         ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0].set_ylabel("held-out loss after 200 steps (nats)")
-    fig.suptitle("Held-out loss vs learning rate; star: the best LR of each width")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel(f"held-out loss after {sweep.get_config().train.steps} steps (nats)")
+    fig.suptitle("Held-out loss vs LR (dots: seeds; line: their mean; star: best mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -99,6 +143,8 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True)
+    parser.add_argument("--tune", required=True)
+    parser.add_argument("--depth", default="", help="depth.py's sweep root, if run")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     rows = collect(args.root)
@@ -107,10 +153,13 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    text = f"Base width 32, one seed:\n\n{tune_table(args.tune)}\n\nTransfer:\n\n{table(rows)}\n"
+    if args.depth:
+        text += f"\nDepth, width {depth.WIDTH}, one seed:\n\n{depth_table(args.depth)}\n"
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table(rows) + "\n")
+        f.write(text)
     plot(rows, os.path.join(args.out, "mup_transfer.png"))
-    print(table(rows))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ starts uniform) are the knobs μTransfer tunes at the base width (Tensor Program
 App. D.2). At their defaults (1, no zero-init) and at the base shapes every row is standard
 parametrization (SP), so a model tuned under SP at the base size is the μP base model as is.
 The readout keeps a nonzero init and multiplies the logits by α_out/m_D (Table 8's form), so
-its logits at init shrink like 1/sqrt(m_D): in experiments/mup_transfer_cpu that, not the
-per-group LR balance, is most of μP's gap to SP in a short run, and σ_out is the knob for it.
+its logits at init shrink like 1/sqrt(m_D): untuned, that (not the per-group LR balance) was
+most of μP's gap to SP in a short run; with α_out tuned at the base width (8 there), μP beats
+SP's best at 8x the width (experiments/mup_transfer_cpu).
 Tied embeddings: the table is an input weight and the logits still get α_out/m_D (mup's
 MuSharedReadout); σ_out must stay 1 there.
 

@@ -9,7 +9,7 @@ JAX_PROCESS_ID, set here per process) and talk over gloo, as hosts of a pod do o
 network. Process 0's output is shown and every process's goes to <logdir>/process_<i>.log.
 If one process fails the others are killed (a dead peer would stop them anyway, after the
 heartbeat timeout) and this exits non-zero naming it. Ctrl-C or SIGTERM is passed on to every
-process, so `lmjax train` saves a checkpoint at a step they agree on and stops.
+process, so `lmjax train` saves a checkpoint at a step they agree on and stops (exit 75).
 """
 
 import argparse
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import threading
 import time
+
+PREEMPTED = 75  # what `lmjax train` exits with after saving at a preemption notice
 
 
 def free_port() -> int:
@@ -58,7 +60,8 @@ def _tee(pipe, log, show: bool) -> None:
 
 
 def run(specs: list[tuple[dict[str, str], list[str]]], logdir: str) -> int:
-    """Start every process, wait for all; 0 if all succeed, else 1 after killing the rest."""
+    """Start every process, wait for all; 0 if all succeed, 75 if they were preempted (saved
+    and stopped), else 1 after killing the rest."""
     os.makedirs(logdir, exist_ok=True)
     procs, threads = [], []
     for i, (env, argv) in enumerate(specs):
@@ -74,7 +77,7 @@ def run(specs: list[tuple[dict[str, str], list[str]]], logdir: str) -> int:
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+            failed = [i for i, code in enumerate(codes) if code not in (None, 0, PREEMPTED)]
             if failed or None not in codes:
                 break
             time.sleep(0.1)
@@ -87,8 +90,8 @@ def run(specs: list[tuple[dict[str, str], list[str]]], logdir: str) -> int:
             t.join(timeout=5)
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if not failed:
-        return 0
+    if not failed:  # every process preempted (they saved one step together): say so too
+        return PREEMPTED if PREEMPTED in (p.returncode for p in procs) else 0
     first = failed[0]
     path = os.path.join(logdir, f"process_{first}.log")
     with open(path, errors="replace") as f:

@@ -7,10 +7,10 @@ carry the current mesh's shardings, so a checkpoint written on one mesh loads on
 A step directory only appears once Orbax has renamed it from its temporary name, so a crash
 mid-write leaves no half step behind. What can still go wrong after that (a truncated file, a
 disk that lied, a copy that stopped short) is caught by a third item, `integrity`: a per-leaf
-checksum of the state written with it and compared on restore. Restore then falls back to the
-newest step that reads back whole. Nothing is ever deleted for being unreadable; steps newer
-than the one restored are moved to `corrupt_checkpoints/` so their step numbers can be saved
-again. Checkpoints are tensorstore arrays and JSON: loading one runs no code and no pickle.
+checksum of the state and a copy of the data position, compared on restore. Restore then falls
+back to the newest step that reads back whole. Nothing is ever deleted for being unreadable;
+steps newer than the one restored are moved to `corrupt_checkpoints/` so their step numbers can
+be saved again. Checkpoints are tensorstore arrays and JSON: loading one runs no code or pickle.
 """
 
 import contextlib
@@ -124,11 +124,8 @@ def is_complete(workdir: str, step: int) -> bool:
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
     """Wrapping uint32 sum of the bit patterns: exact in any order, so equal on any mesh."""
-    if x.dtype.itemsize == 8:
-        words = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    else:
-        words = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
-    return jnp.sum(words.astype(jnp.uint32), dtype=jnp.uint32)
+    bits = jnp.dtype(f"uint{8 * min(x.dtype.itemsize, 4)}")  # 8-byte leaves: two words each
+    return jnp.sum(jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32), dtype=jnp.uint32)
 
 
 def _leaf_finite(x: jax.Array) -> jax.Array:
@@ -158,13 +155,14 @@ def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, data_state: d
     Refuses a state with NaN or Inf anywhere: a checkpoint must always be a safe place to resume.
     """
     checksums, nonfinite = fingerprint(state)
+    copy = {"data": data_state} if jax.process_count() == 1 else {}  # else one file per process
     if nonfinite:
         raise FloatingPointError(f"Not saving step {step}: {len(nonfinite)} state leaves hold "
                                  f"NaN or Inf, first {nonfinite[0]!r}.")
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
         data=grain.checkpoint.CheckpointSave(ProcessData(data_state)),
-        integrity=ocp.args.JsonSave({"checksums": checksums})), force=True)
+        integrity=ocp.args.JsonSave({"checksums": checksums, **copy})), force=True)
 
 
 class ProcessData:
@@ -209,7 +207,9 @@ def _restore_step(mngr, abstract_state, step) -> tuple[nnx.State, dict]:
         integrity=ocp.args.JsonRestore()))
     state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
     nnx.replace_by_pure_dict(state, restored["state"])
-    stored = restored["integrity"]["checksums"]
+    stored, position = restored["integrity"]["checksums"], restored["data"].state
+    if restored["integrity"].get("data", position) != position:  # absent: several processes
+        raise ValueError(f"the data position reads back as {position}, not the one written")
     checksums, nonfinite = fingerprint(state)
     for name, value in checksums.items():
         if stored.get(name) != value:
@@ -217,7 +217,7 @@ def _restore_step(mngr, abstract_state, step) -> tuple[nnx.State, dict]:
                              f"not the {stored.get(name)} written")
     if nonfinite:
         raise ValueError(f"leaf {nonfinite[0]!r} holds NaN or Inf")
-    return state, restored["data"].state
+    return state, position
 
 
 def _check_process_count(mngr: ocp.CheckpointManager, step: int) -> None:

@@ -18,7 +18,9 @@ when one stops (`heartbeat_timeout` seconds) the coordination service aborts the
 task died". A peer that never arrives fails start-up after `init_timeout` seconds.
 
 A preemption notice (SIGTERM, a TPU maintenance event) reaches the training loop through
-`preemption_notice`, on one process or many.
+`preemption_notice`, on one process or many. The loop saves, then raises `Preempted`, and the
+command exits with `PREEMPTED` (75) on every host: not 0, so a launcher or a sweep can tell a
+run that must be resumed from one that finished.
 """
 
 import contextlib
@@ -34,6 +36,15 @@ from jax.experimental import multihost_utils
 from lmjax import lease
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure; the same command resumes
+
+
+class Preempted(SystemExit):
+    """The run saved its step at a preemption notice and stopped; the same command resumes.
+    A SystemExit: the command's exit status is PREEMPTED, with no further message."""
+
+    def __init__(self):
+        super().__init__(PREEMPTED)
 
 
 @contextlib.contextmanager
@@ -61,7 +72,9 @@ def detected_cluster() -> str | None:
 
     JAX keeps its detectors (TPU pod metadata, SLURM_*, OMPI_*) in a private registry; asking it
     keeps our notion of "a cluster" identical to the one `initialize()` acts on. Opt-in ones
-    (mpi4py: merely installed) do not count.
+    (mpi4py: merely installed) do not count. The one private import of lmjax: JAX has no public
+    "would initialize() find a cluster here" (jax.distributed only initializes, or fails after
+    its timeout when no peer comes).
     """
     from jax._src.clusters import ClusterEnv
 
@@ -125,7 +138,7 @@ def preemption_notice():
     """Yield `preempted(step) -> bool`, to be asked once a step.
 
     One process: SIGTERM sets a flag, and so does a first SIGINT (Ctrl-C): the loop saves the
-    step in flight and stops, and on leaving this context the interrupt is raised
+    step in flight and raises Preempted, and for Ctrl-C this context raises the interrupt
     (KeyboardInterrupt: the CLI exits 130, as a shell does). The first Ctrl-C also hands SIGINT
     back to the operating system, so a second one ends the process at once, mid-save or not:
     the step before is intact, and an unfinished write is removed on the next start.
@@ -152,10 +165,13 @@ def preemption_notice():
                     signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
         try:
             yield lambda step: notice.is_set()
+        except Preempted:
+            if not interrupted.is_set():
+                raise
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        if interrupted.is_set():
+        if interrupted.is_set():  # Ctrl-C's save is done: now the interrupt (exit 130)
             raise KeyboardInterrupt
 
 

@@ -4,6 +4,7 @@
   term:N   SIGTERM once step N is dispatched (a preemption notice, delivered as by a VM)
   int:N    SIGINT once step N is dispatched (Ctrl-C at the terminal)
   nan:N    step N trains on a batch whose loss is NaN
+  spike:N  step N's reported train/loss is 10x what it was (a loss spike, as the guard sees it)
   eval:N   SIGKILL as the evaluation after step N starts
   save:N   SIGKILL once the save of step N is handed to Orbax (mid-write when it is async)
 
@@ -52,6 +53,8 @@ def inject(step_fn: Step, eval_fn: Evaluate, save_fn: Save,
         if (phase, done) == ("nan", at):
             batch = {**batch, "weights": batch["weights"] * jnp.nan}
         out = step_fn(state, batch)
+        if (phase, done) == ("spike", at):
+            out = (out[0], {**out[1], "train/loss": out[1]["train/loss"] * 10})
         if done == at and phase in SIGNALS:
             _signal(SIGNALS[phase])
         return out

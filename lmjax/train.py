@@ -364,8 +364,9 @@ def _loop(cfg, workdir, mesh, fns, state, data, ckpt, start, preempted, held) ->
                 if not is_save:
                     save_fn(done, state)
                 ckpt.wait_until_finished()
-                print(f"Preempted: saved step {done} in {workdir}; the same command resumes.")
-                break
+                print(f"Preempted: saved step {done} in {workdir}; the same command resumes.",
+                      flush=True)
+                raise distributed.Preempted
         ckpt.wait_until_finished()
     finally:
         trace.stop()

@@ -1,13 +1,21 @@
 """The cluster launchers, through their --dry_run: the exact commands they would run."""
 
+import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from tests import xla
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKE = os.path.join(ROOT, "tests", "fake_gcloud.py")
+MESH = {"mesh.data": "1", "mesh.fsdp": "8", "mesh.rules": "fsdp"}  # FSDP over both hosts
 TRAIN = ["lmjax", "train", "--config=configs/llama.py:1b", "--workdir=gs://bucket/run",
          "--config.mesh.fsdp=-1"]
 
@@ -17,10 +25,11 @@ def launch(script: str, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
-def test_tpu_pod_queued_create_copy_start_tail_delete():
+def test_tpu_pod_dry_run_prints_create_copy_setup_start_watch_delete():
     out = launch("tpu_pod.py", "--tpu=pod", "--zone=us-east5-a", "--project=p",
                  "--accelerator=v5p-64", "--version=v2-alpha-tpuv5", "--create", "--queued",
-                 "--delete", "--dry_run", "--", *TRAIN)
+                 "--spot", "--delete", "--env=LIBTPU_INIT_ARGS=--xla_tpu_x=1", "--dry_run", "--",
+                 *TRAIN)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     where = ["--zone=us-east5-a", "--project=p"]
@@ -28,48 +37,54 @@ def test_tpu_pod_queued_create_copy_start_tail_delete():
     vm = ["gcloud", "compute", "tpus", "tpu-vm"]
     assert shlex.split(lines[0]) == [*qr, "create", "pod", "--node-id=pod",
                                      "--accelerator-type=v5p-64",
-                                     "--runtime-version=v2-alpha-tpuv5", *where]
+                                     "--runtime-version=v2-alpha-tpuv5", "--spot", *where]
     assert lines[1].endswith("# until it prints ACTIVE")
     assert shlex.split(lines[1].split("  #")[0]) == [*qr, "describe", "pod",
                                                      "--format=value(state.state)", *where]
-    assert "git ls-files" in lines[2] and "/tmp/lmjax-pod.tar.gz" in lines[2]
+    assert lines[2].startswith("bash -c 'set -o pipefail && ") and "git rev-parse" in lines[2]
     assert shlex.split(lines[3]) == [*vm, "scp", "/tmp/lmjax-pod.tar.gz", "pod:lmjax.tar.gz",
                                      "--worker=all", *where]
-    ssh = [shlex.split(line) for line in lines[4:8]]
-    assert all(s[:6] == [*vm, "ssh", "pod"] and s[-2:] == where for s in ssh)
-    assert [s[6] for s in ssh] == ["--worker=all", "--worker=all", "--worker=0", "--worker=all"]
-    install, start, tail, status = (s[7].removeprefix("--command=") for s in ssh)
-    assert install.endswith('tar xzf ~/lmjax.tar.gz -C ~/lmjax && cd ~/lmjax && '
-                            'pip install -q -e ".[tpu]"')
-    assert ('setsid nohup bash -c "python3 -m lmjax train --config=configs/llama.py:1b '
-            '--workdir=gs://bucket/run --config.mesh.fsdp=-1; echo \\$? > ~/lmjax.rc" '
-            '> ~/lmjax.log') in start
-    assert "tail -n +1 -F ~/lmjax.log" in tail and status == "exit $(cat ~/lmjax.rc)"
-    assert shlex.split(lines[8]) == [*qr, "delete", "pod", "--force", "--quiet", *where]
-    assert len(lines) == 9
+    setup, begin = (shlex.split(line) for line in lines[4:6])
+    assert setup[:7] == begin[:7] == [*vm, "ssh", "pod", "--worker=all"]
+    setup, begin = setup[7].removeprefix("--command="), begin[7].removeprefix("--command=")
+    assert "uv venv -q --python 3.11 ~/lmjax/venv" in setup and "-c constraints.txt" in setup
+    assert "rm -f /tmp/libtpu_lockfile" in setup and "kill -9 -$(cat ~/lmjax/pid" in setup
+    assert begin.startswith(
+        "printf %s 'export LIBTPU_INIT_ARGS=--xla_tpu_x=1; ~/lmjax/venv/bin/python -m lmjax "
+        "train --config=configs/llama.py:1b --workdir=gs://bucket/run --config.mesh.fsdp=-1; "
+        "echo $? > ~/lmjax/RUN.rc' > ~/lmjax/RUN.sh && ")
+    assert "setsid nohup bash ~/lmjax/RUN.sh > ~/lmjax/RUN.log" in begin
+    watch = [line for line in lines if line.endswith("  # polled")]
+    assert len(watch) == 3 and "cat ~/lmjax/RUN.rc" in watch[1]
+    assert shlex.split(lines[-1]) == [*qr, "delete", "pod", "--force", "--quiet", *where]
+    assert len(lines) == 10
 
 
-def test_tpu_pod_on_an_existing_slice_only_copies_and_runs():
+def test_tpu_pod_on_an_existing_slice_only_copies_runs_and_watches():
     out = launch("tpu_pod.py", "--tpu=pod", "--dry_run", "--", *TRAIN)
     lines = out.stdout.splitlines()
-    assert out.returncode == 0 and len(lines) == 6  # pack, scp, install, start, tail, status
+    assert out.returncode == 0 and len(lines) == 7  # pack, scp, setup, start, 3 watched
     assert not any("create" in line or "delete" in line or "--zone" in line for line in lines)
 
 
-def test_tpu_pod_refuses_a_command_it_cannot_quote():
-    out = launch("tpu_pod.py", "--tpu=pod", "--dry_run", "--", "lmjax", "train", "--x=$HOME")
-    assert out.returncode == 2 and "may not contain" in out.stderr
+def test_tpu_pod_passes_quotes_and_dollars_as_typed():
+    out = launch("tpu_pod.py", "--tpu=pod", "--dry_run", "--", "lmjax", "train", "--x=$HOME",
+                 "--y=it's \"q\"")
+    [begin] = [shlex.split(line)[7] for line in out.stdout.splitlines() if "setsid" in line]
+    script = shlex.split(begin.removeprefix("--command="))[2]  # printf %s SCRIPT
+    assert shlex.split(script.split("; ")[0])[3:] == ["train", "--x=$HOME", "--y=it's \"q\""]
 
 
-def test_sweep_tpu_runner_commands_run_the_pod_launcher(tmp_path):
+def test_sweep_tpu_runner_commands_run_the_pod_launcher(tmp_path, bucket):
     """`lmjax sweep --runner=tpu --dry_run` prints one tpu_pod.py command per member; each,
-    given --dry_run, is accepted by the launcher and starts that member's train on every host."""
+    given --dry_run, is accepted by the launcher and starts that member's train on every host.
+    The root is on the test GCS server: the sweep looks there for finished members."""
     sweep = tmp_path / "sweep.py"
     sweep.write_text("from configs import smoke\n\ndef get_config(arg=None):\n"
                      "    return smoke.get_config()\n\ndef get_sweep():\n"
                      "    return [{'model.d_model': 16}, {'model.d_model': 32}]\n")
     out = subprocess.run([sys.executable, "-m", "lmjax", "sweep", f"--sweep={sweep}",
-                          "--root=gs://b/sweep", "--runner=tpu", "--tpu=pod", "--dry_run"],
+                          f"--root={bucket}/sweep", "--runner=tpu", "--tpu=pod", "--dry_run"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     commands = [shlex.split(line) for line in out.stdout.splitlines() if "tpu_pod.py" in line]
@@ -82,9 +97,9 @@ def test_sweep_tpu_runner_commands_run_the_pod_launcher(tmp_path):
         assert pod.returncode == 0, pod.stderr
         start = [line for line in pod.stdout.splitlines() if "setsid" in line]
         assert len(start) == 1
-        assert (f"python3 -m lmjax train --config={sweep} "
-                f"--workdir=gs://b/sweep/d_model={width} --config.model.d_model={width};"
-                in start[0])
+        assert (f"~/lmjax/venv/bin/python -m lmjax train --config={sweep} "
+                f"--workdir={bucket}/sweep/d_model={width} --config.model.d_model={width};"
+                in shlex.split(start[0])[7])
 
 
 @pytest.mark.parametrize("partition", ["", "gpu"])
@@ -111,24 +126,103 @@ def test_slurm_needs_a_command():
     assert out.returncode == 1 and "give the command after --" in out.stderr
 
 
-def test_tpu_pod_deletes_the_slice_even_when_a_host_fails(tmp_path):
-    """With a stand-in `gcloud` on PATH that records its calls, reports the queued resource
-    ACTIVE and fails the status check (as if one host's command failed)."""
-    calls = tmp_path / "calls"
-    fake = tmp_path / "gcloud"
-    fake.write_text("#!/bin/bash\n"
-                    f'echo "$*" >> {calls}\n'
-                    'case "$*" in *describe*) echo ACTIVE;; *"exit \\$(cat"*) exit 7;; esac\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "tpu_pod.py"),
-                          "--tpu=pod", "--create", "--queued", "--delete", "--", "true"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
-    assert "tpu_pod: failed: gcloud compute tpus tpu-vm ssh pod --worker=all" in out.stderr
-    verbs = [line.split()[2:5] for line in calls.read_text().splitlines()]
-    assert verbs == [["queued-resources", "create", "pod"], ["queued-resources", "describe", "pod"],
-                     ["tpu-vm", "scp", "/tmp/lmjax-pod.tar.gz"], *[["tpu-vm", "ssh", "pod"]] * 4,
-                     ["queued-resources", "delete", "pod"]]
-    assert os.path.getsize("/tmp/lmjax-pod.tar.gz") > 10_000  # the checkout was packed
-    os.remove("/tmp/lmjax-pod.tar.gz")
+
+
+# ------------------------------------------------------------------ whole launches, fake gcloud
+
+
+@pytest.fixture
+def cloud(tmp_path):
+    """A `gcloud` on PATH that is tests/fake_gcloud.py, keeping its slices under tmp_path."""
+    state, bin_dir = tmp_path / "cloud", tmp_path / "bin"
+    state.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(f'#!/bin/bash\nexec {sys.executable} {FAKE} "$@"\n')
+    (bin_dir / "gcloud").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_GCLOUD": str(state),
+            "XLA_FLAGS": xla.flags(4), "JAX_PLATFORMS": "cpu"}
+
+
+def cloud_state(env) -> dict:
+    with open(os.path.join(env["FAKE_GCLOUD"], "state.json")) as f:
+        return json.load(f)
+
+
+def pod(env, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "tpu_pod.py"),
+                             "--tpu=pod", "--poll=0.5", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_tpu_pod_reports_the_failing_host_keeps_every_log_and_deletes_the_slice(cloud,
+                                                                                tmp_path):
+    code = "import os, sys; print('host', os.environ['JAX_PROCESS_ID']); sys.exit(" \
+           "3 if os.environ['JAX_PROCESS_ID'] == '1' else 0)"
+    workdir = tmp_path / "run"
+    proc = pod(cloud, "--create", "--accelerator=v5p-16", "--delete", "--", "python3", "-c",
+               code, f"--workdir={workdir}")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 3, out
+    assert "tpu_pod: host 1 of 2 exited 3" in out
+    [run] = os.listdir(workdir / "logs")
+    assert [(workdir / "logs" / run / f"worker-{i}.log").read_text() for i in (0, 1)] == [
+        "host 0\n", "host 1\n"]
+    assert cloud_state(cloud) == {"nodes": {}, "queued": {}}  # deleted although it failed
+
+
+def test_tpu_pod_deletes_the_slice_on_ctrl_c(cloud):
+    proc = pod(cloud, "--create", "--queued", "--delete", "--", "sleep", "300")
+    deadline = time.monotonic() + 120
+    while "sleep 300" not in proc.stdout.readline():  # the start command was sent
+        assert time.monotonic() < deadline
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    assert cloud_state(cloud) == {"nodes": {}, "queued": {}}
+
+
+@pytest.mark.slow
+def test_tpu_pod_survives_a_spot_preemption_and_finishes_the_run(cloud, tmp_path):
+    """Two hosts train the smoke model from a queued spot slice; after step 8 the slice is
+    preempted (SIGTERM to both hosts, its disks gone, the queued resource SUSPENDED). The
+    launcher re-creates it, copies the code again and starts the same command, which resumes
+    from the workdir's checkpoint: every step logged once, the rows up to the checkpoint as
+    first written, the slice deleted at the end."""
+    workdir = tmp_path / "run"
+    proc = pod(cloud, "--create", "--queued", "--spot", "--accelerator=v5p-16", "--delete",
+               "--max_restarts=2", "--", "lmjax", "train", "--config=configs/smoke.py",
+               f"--workdir={workdir}", "--config.checkpoint.every=5",
+               *(f"--config.{k}={v}" for k, v in MESH.items()))
+    deadline = time.monotonic() + 400
+    while max(steps(workdir), default=0) < 8:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.5)
+    subprocess.run([sys.executable, FAKE, "preempt", "pod"], env=cloud, check=True)
+    first = steps(workdir)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    assert "tpu_pod: TPU pod is SUSPENDED" in out
+    # The hosts had 20 s after SIGTERM: they agreed on a step and saved it, so nothing is lost
+    # (a preemption without that grace loses the steps after the newest checkpoint, and says so).
+    said = re.search(r"tpu_pod: preempted \(newest checkpoint step (\d+), (nothing lost|steps "
+                     r"\d+-\d+ logged since are lost)\); restart 1 of 2", out)
+    assert said, out
+    saved = int(said.group(1))
+    assert 5 <= saved < 20
+    final = steps(workdir)
+    assert sorted(final) == list(range(1, 21))
+    assert all(final[s] == first[s] for s in first if s <= saved)  # kept as written
+    assert final[20] < final[1] - 0.5
+    assert len(os.listdir(workdir / "logs")) == 1  # the finished attempt's logs
+    assert cloud_state(cloud) == {"nodes": {}, "queued": {}}
+
+
+def steps(workdir) -> dict[int, float]:
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.endswith("\n")]
+    except OSError:
+        return {}
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}

@@ -2,7 +2,9 @@
 KV cache), RoPE scaling against the papers' formulas and transformers, and starting a run from
 another run's weights."""
 
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -376,3 +378,24 @@ def test_init_from_loads_the_weights_with_a_fresh_optimizer(smoke_workdir):
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
         with pytest.raises(ValueError, match="does not fit this model: leaf"):
             checkpoint.load_params(smoke_workdir, train_lib.compile_fns(cfg, mesh).init())
+
+
+@pytest.mark.slow
+def test_init_from_through_train_run_starts_trained_at_step_zero(smoke_workdir, tmp_path):
+    """`lmjax train --config.train.init_from=W` in a new workdir: step 1 already has W's loss,
+    and the run counts its own steps from 0 (its checkpoint is step 2, not W's 6 + 2)."""
+    def rows(workdir):
+        with open(f"{workdir}/metrics.jsonl") as f:
+            return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+    cfg = smoke.get_config()
+    cfg.train.update(steps=2, eval_every=0, init_from=smoke_workdir)
+    cfg.optim.warmup_steps = 1
+    cfg.mesh.update(data=1, fsdp=1, tensor=1)
+    workdir = str(tmp_path / "tuned")
+    train_lib.run(cfg, workdir, devices=jax.devices()[:1])
+    source, tuned = rows(smoke_workdir), rows(workdir)
+    assert sorted(tuned) == [1, 2]
+    # the same first batch: W after 6 steps is at least halfway from its step-1 loss to its last
+    assert tuned[1] < source[1] - 0.5 * (source[1] - source[6]), (tuned, source)
+    assert os.listdir(f"{workdir}/checkpoints") == ["2"]

@@ -128,20 +128,22 @@ def _train_args(workdir: str) -> list[str]:
             *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
 
 
-def _hosts(workdir: str, folder, fault: str = "", timeout: float = 600) -> list[tuple[int, str]]:
+def _hosts(workdir: str, folder, faults: dict[int, str] | None = None, timeout: float = 600,
+           extra: tuple[str, ...] = ()) -> list[tuple[int, str]]:
     """Two processes as two hosts of a pod: 4 devices each, each in its own empty local
     folder (no disk shared), meeting through a coordinator on 127.0.0.1; (exit code, output)
-    of each."""
+    of each. `faults`: process -> its LMJAX_FAULT."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla.flags(4),
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2",
-           **({"LMJAX_FAULT": fault} if fault else {})}
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2"}
+    env.pop("LMJAX_FAULT", None)
     procs = []
     for i in range(2):
         cwd = folder / f"host{i}"
         cwd.mkdir(parents=True, exist_ok=True)
+        fault = {"LMJAX_FAULT": (faults or {})[i]} if i in (faults or {}) else {}
         procs.append(subprocess.Popen(
-            [sys.executable, *_train_args(workdir)], cwd=cwd, text=True,
-            env={**env, "JAX_PROCESS_ID": str(i), "PYTHONPATH": ROOT},
+            [sys.executable, *_train_args(workdir), *extra], cwd=cwd, text=True,
+            env={**env, "JAX_PROCESS_ID": str(i), "PYTHONPATH": ROOT, **fault},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     try:
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
@@ -151,9 +153,9 @@ def _hosts(workdir: str, folder, fault: str = "", timeout: float = 600) -> list[
     return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
 
 
-def _succeed(results: list[tuple[int, str]]) -> None:
+def _succeed(results: list[tuple[int, str]], code_wanted: int = 0) -> None:
     for code, out in results:
-        assert code == 0, out[-3000:]
+        assert code == code_wanted, out[-3000:]
 
 
 @pytest.mark.slow
@@ -168,14 +170,18 @@ def test_two_hosts_sharing_no_disk_train_checkpoint_resume_on_gs_equal_one_proce
     assert sorted(reference) == list(range(1, cfg.train.steps + 1))
 
     two = f"{bucket}/two"
-    # A preemption notice (SIGTERM) reaches each process after step 13: they agree on a step,
-    # both write their part of its checkpoint to the bucket, and exit cleanly.
-    _succeed(_hosts(two, tmp_path, fault="term:13"))
+    # A preemption notice (SIGTERM) reaches process 1 alone, after step 13 (a maintenance event
+    # on one host): through JAX's preemption sync point both agree on a step, both write their
+    # part of its checkpoint to the bucket, and both exit with PREEMPTED (75), not 0.
+    results = _hosts(two, tmp_path, faults={1: "term:13"})
+    _succeed(results, distributed.PREEMPTED)
     saved = sorted(int(s.name) for s in (epath.Path(two) / "checkpoints").iterdir())
     stopped = saved[-1]
     assert saved[0] == 10 and 13 <= stopped < cfg.train.steps
     before = _losses(two)
     assert sorted(before) == list(range(1, stopped + 1))
+    for _, out in results:  # the unsignalled process stopped at the same step
+        assert f"Preempted: saved step {stopped} in {two}" in out, out[-3000:]
 
     _succeed(_hosts(two, tmp_path))  # the same command resumes
     after = _losses(two)
@@ -205,15 +211,19 @@ def test_a_local_workdir_that_hosts_do_not_share_is_refused_before_any_step(tmp_
 
 
 @pytest.mark.slow
-def test_a_dead_process_stops_the_other_in_bounded_time(tmp_path):
-    """Process 1 is SIGKILLed after step 3 (as by the OOM killer); process 0, left alone in a
-    collective or waiting on heartbeats, must exit non-zero by itself rather than hang."""
+def test_a_process_killed_mid_save_stops_the_other_and_both_resume_exactly(tmp_path):
+    """Process 1 is SIGKILLed as its part of step 10's async save is in flight (the OOM killer,
+    a lost VM); process 0, left alone in a collective or a save barrier, must exit non-zero by
+    itself rather than hang. The same command on both then resumes from step 5, the newest
+    checkpoint both finished, and the rows it writes again are bitwise the first attempt's."""
+    workdir = str(tmp_path / "run")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla.flags(4),
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2"}
-    args = [sys.executable, *_train_args(str(tmp_path / "run")), "--heartbeat_timeout=10"]
+    args = [sys.executable, *_train_args(workdir), "--heartbeat_timeout=10",
+            "--config.checkpoint.every=5"]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**env, "JAX_PROCESS_ID": str(i),
-                                              **({"LMJAX_FAULT": "step:3"} if i else {})})
+                                              **({"LMJAX_FAULT": "save:10"} if i else {})})
              for i in range(2)]
     try:
         log1 = procs[1].communicate(timeout=400)[0]
@@ -230,3 +240,16 @@ def test_a_dead_process_stops_the_other_in_bounded_time(tmp_path):
     # one and JAX's coordination service aborted it when the heartbeats stopped.
     assert ("lmjax: process 0 of 2 stops: a device call failed" in log0
             or "another task died" in log0), log0[-2000:]
+    first = _losses(workdir)
+    assert 10 <= max(first) < 20
+    assert _steps_saved(workdir) == [5]  # step 10's torn write is not a checkpoint
+
+    _succeed(_hosts(workdir, tmp_path, extra=("--config.checkpoint.every=5",)))
+    again = _losses(workdir)
+    assert sorted(again) == list(range(1, 21))
+    assert all(again[step] == first[step] for step in first)  # bitwise, past step 5 too
+    assert _steps_saved(workdir) == [10, 15, 20]
+
+
+def _steps_saved(workdir: str) -> list[int]:
+    return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())

@@ -179,3 +179,32 @@ def test_a_fork_starts_only_once_its_parent_holds_its_step(tmp_path, monkeypatch
     assert started == [("s", []), ("s,tokens_budget=5120", ["17", "33"]),
                        ("s,tokens_budget=10240", ["17", "33"])]
     assert set(status.values()) == {"done"}
+
+
+def test_a_preempted_member_is_resumed_and_one_preempted_too_often_fails(tmp_path, monkeypatch):
+    """A member that exits 75 (`lmjax train` saved at a preemption notice) goes back to the
+    head of the queue; one preempted on every start fails after MAX_RESTARTS resumes."""
+    path, root = tmp_path / "sweep.py", tmp_path / "runs"
+    path.write_text(SWEEP)
+    codes = {"d_model=16,tokens_budget=5120": [75, 0], "d_model=32,tokens_budget=5120": [0],
+             "d_model=16,tokens_budget=25600": [75] * 9}
+    started = []
+
+    class Train:
+        def __init__(self, command, **_):
+            self.name = os.path.basename(next(c for c in command if c.startswith("--workdir=")))
+            started.append(self.name)
+            self.returncode = codes[self.name].pop(0)
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Train)
+    said = []
+    status = sweep.run_local(str(path), str(root), log=said.append)
+    assert status == {"d_model=16,tokens_budget=5120": "done",
+                      "d_model=32,tokens_budget=5120": "done",
+                      "d_model=16,tokens_budget=25600": "failed"}
+    assert started.count("d_model=16,tokens_budget=25600") == 1 + sweep.MAX_RESTARTS
+    assert started[:2] == ["d_model=16,tokens_budget=5120"] * 2  # resumed before the next
+    assert "  preempted d_model=16,tokens_budget=5120; resuming it (restart 1 of 3)" in said

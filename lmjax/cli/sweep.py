@@ -26,7 +26,8 @@ def run(args: list[str], overrides: list[str]) -> None:
             status = sweep.run_local(FLAGS.sweep, FLAGS.root, FLAGS.parallel, FLAGS.dry_run)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, exit status 1
         sys.exit(f"lmjax sweep: {e.args[0] if e.args else 'interrupted.'}")
-    failed = sorted(name for name, s in status.items() if s == "failed")
+    failed = sorted(f"{name}{' (preempted)' * (s == 'preempted')}" for name, s in status.items()
+                    if s in ("failed", "preempted"))
     if failed:
-        raise ValueError(f"{len(failed)} member(s) failed: {', '.join(failed)} (see their "
-                         "train.log); re-run the same command to retry them.")
+        raise ValueError(f"{len(failed)} member(s) did not finish: {', '.join(failed)} (see "
+                         "their train.log); re-run the same command to retry them.")

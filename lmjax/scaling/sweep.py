@@ -7,7 +7,8 @@ A member trains in `<root>/<name>` (a list's names are made from the overrides) 
 command a person would type, so any member can be rerun or debugged by hand.
 
 Re-running is always safe: a member whose final checkpoint exists is skipped without starting
-a process, and an unfinished one is resumed by `lmjax train` from its last checkpoint.
+a process, and an unfinished one is resumed by `lmjax train` from its last checkpoint. A member
+preempted on its own (exit 75, its step saved) is put back at the head of the queue.
 
 The root may be a URL (gs://BUCKET/sweep, what a TPU pod's hosts share): every workdir is read
 through lmjax/paths.py and handed to `lmjax train` as the URL itself.
@@ -18,6 +19,7 @@ al. 2024: one constant-LR trunk per size, a WSD cooldown branched at each token 
 loading the sweep refuses a fork whose parent would not keep that step.
 """
 
+import collections
 import copy
 import dataclasses
 import pathlib
@@ -32,9 +34,11 @@ import time
 import ml_collections
 from etils import epath
 
-from lmjax import checkpoint, paths, resume, validate
+from lmjax import checkpoint, distributed, paths, resume, validate
 from lmjax import config as config_lib
 from lmjax.scaling import collect
+
+MAX_RESTARTS = 3  # a member preempted (exit 75: saved, stopped) more often than this fails
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +213,8 @@ def _ready(root: str, member: Member) -> bool:
 def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
               env: dict | None = None, log=print) -> dict[str, str]:
     """Train every unfinished member, `parallel` at a time; returns {name: status}, status one
-    of 'skipped' (already finished), 'done', 'failed'. Each member's output goes to its
+    of 'skipped' (already finished), 'done', 'failed' (or preempted over MAX_RESTARTS times).
+    Each member's output goes to its
     workdir's train.log. SIGTERM or Ctrl-C stops the running members (they resume next time)."""
     if parallel < 1:
         raise ValueError(f"--parallel={parallel} must be at least 1.")
@@ -226,6 +231,7 @@ def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
         local_logs = pathlib.Path(tempfile.mkdtemp(prefix="lmjax-sweep-logs-"))
         log(f"members' output: {local_logs}/NAME.log, uploaded to their train.log at the end")
     running: dict[str, tuple[subprocess.Popen, float]] = {}
+    restarts = collections.Counter()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # -> KeyboardInterrupt
     try:
         while queue or running:
@@ -250,9 +256,15 @@ def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
                 if proc.poll() is None:
                     continue
                 del running[name]
-                status[name] = "done" if proc.returncode == 0 else "failed"
                 workdir = paths.resolve(workdir_of(root, name))
                 _upload_log(workdir, local_logs)
+                if proc.returncode == distributed.PREEMPTED and restarts[name] < MAX_RESTARTS:
+                    restarts[name] += 1  # it saved: back in the queue, to resume
+                    queue.insert(0, next(m for m in members if m.name == name))
+                    log(f"  preempted {name}; resuming it (restart {restarts[name]} of "
+                        f"{MAX_RESTARTS})")
+                    continue
+                status[name] = "done" if proc.returncode == 0 else "failed"
                 detail = (_final_loss(str(workdir)) if proc.returncode == 0 else
                           f", exit {proc.returncode}: see {workdir / 'train.log'}")
                 finished = sum(s != "failed" for s in status.values())
@@ -292,5 +304,6 @@ def run_tpu(path: str, root: str, tpu: str, dry_run: bool = False, log=print) ->
         if not pathlib.Path("launch/tpu_pod.py").is_file():  # this checkout's, not a user's
             raise FileNotFoundError("launch/tpu_pod.py does not exist; run from the repository "
                                     "root (or use --dry_run to print the commands).")
-        status[m.name] = "done" if subprocess.run(command).returncode == 0 else "failed"
+        code = subprocess.run(command).returncode
+        status[m.name] = {0: "done", distributed.PREEMPTED: "preempted"}.get(code, "failed")
     return status

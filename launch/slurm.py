@@ -6,7 +6,9 @@
 Renders the sbatch script (`--dry_run` prints it and submits nothing), writes it to
 <logdir>/<job_name>.sbatch and submits it with `sbatch`. The job runs one task per GPU, as JAX's
 SLURM detection expects (a task per node would see only its node's first GPU), every task the
-same command; the workdir must be on a filesystem all nodes share.
+same command; the workdir must be on a filesystem all nodes share. With --requeue, a job that
+is preempted or reaches --time saves (its tasks get SIGTERM) and goes back to the queue, and the
+same command resumes it from the checkpoint.
 """
 
 import argparse
@@ -24,11 +26,13 @@ def render(args, command: list[str]) -> str:
         command = ["python", "-m", "lmjax", *command[1:]]
     extra = [f"#SBATCH --{key}={value}" for key, value in
              (("partition", args.partition), ("account", args.account)) if value]
+    if args.requeue:  # SIGTERM to every task before the limit; preempted jobs come back
+        extra += ["#SBATCH --requeue", f"#SBATCH --signal=TERM@{args.signal_seconds}"]
     with open(TEMPLATE) as f:
         return f.read().format(
             job_name=args.job_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
             cpus_per_task=args.cpus_per_task, time=args.time, logdir=os.path.abspath(args.logdir),
-            extra="\n".join(extra), root=shlex.quote(ROOT),
+            extra="\n".join(extra), root=shlex.quote(ROOT), requeue=int(args.requeue),
             activate=f"source {shlex.quote(os.path.abspath(args.venv))}/bin/activate"
             if args.venv else "", command=shlex.join(command))
 
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job_name", default="lmjax")
     parser.add_argument("--venv", default="", help="virtual environment to activate on nodes")
     parser.add_argument("--logdir", default="logs", help="job output and the rendered script")
+    parser.add_argument("--requeue", action="store_true", help="requeue the job when it is "
+                        "preempted or nears --time: the tasks save at SIGTERM and exit 75")
+    parser.add_argument("--signal_seconds", type=int, default=300, help="--requeue: SIGTERM "
+                        "this long before the time limit (enough for a save)")
     parser.add_argument("--dry_run", action="store_true", help="print the script only")
     args = parser.parse_args(argv[:cut])
     if not argv[cut + 1:]:

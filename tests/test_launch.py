@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from etils import epath
 
 from tests import xla
 
@@ -79,10 +80,18 @@ def test_sweep_tpu_runner_commands_run_the_pod_launcher(tmp_path, bucket):
     """`lmjax sweep --runner=tpu --dry_run` prints one tpu_pod.py command per member; each,
     given --dry_run, is accepted by the launcher and starts that member's train on every host.
     The root is on the test GCS server: the sweep looks there for finished members."""
-    sweep = tmp_path / "sweep.py"
-    sweep.write_text("from configs import smoke\n\ndef get_config(arg=None):\n"
+    local = tmp_path / "sweep.py"
+    local.write_text("from configs import smoke\n\ndef get_config(arg=None):\n"
                      "    return smoke.get_config()\n\ndef get_sweep():\n"
                      "    return [{'model.d_model': 16}, {'model.d_model': 32}]\n")
+    out = subprocess.run([sys.executable, "-m", "lmjax", "sweep", f"--sweep={local}",
+                          f"--root={bucket}/sweep", "--runner=tpu", "--tpu=pod", "--dry_run"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip() == (  # the hosts get only the checkout
+        f"lmjax sweep: --sweep={local} is outside this checkout, which is all the TPU hosts "
+        f"receive: move it inside, or onto gs://.")
+    sweep = f"{bucket}/sweep.py"
+    epath.Path(sweep).write_text(local.read_text())
     out = subprocess.run([sys.executable, "-m", "lmjax", "sweep", f"--sweep={sweep}",
                           f"--root={bucket}/sweep", "--runner=tpu", "--tpu=pod", "--dry_run"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -115,10 +124,27 @@ def test_slurm_script_runs_one_task_per_gpu(partition):
                 "--exclusive"] + [f"--partition={partition}"] * bool(partition)
     assert [d.removeprefix("#SBATCH ") for d in directives] == expected
     assert "\nsource /opt/venv/bin/activate\n" in script
-    assert script.endswith("\nsrun --kill-on-bad-exit=1 python -m lmjax train "
-                           "--config=configs/llama.py:1b --workdir=gs://bucket/run "
-                           "--config.mesh.fsdp=-1\n")
-    assert "{" not in script  # every placeholder filled
+    assert ("\nsrun --kill-on-bad-exit=1 python -m lmjax train --config=configs/llama.py:1b "
+            "--workdir=gs://bucket/run --config.mesh.fsdp=-1\n") in script
+    assert "\nexport SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-8}\n" in script
+    assert "{" not in script.replace("${SLURM_CPUS_PER_TASK:-8}", "")  # every placeholder filled
+
+
+@pytest.mark.parametrize("requeue, srun_exit", [(True, 75), (True, 1), (False, 75)])
+def test_slurm_requeues_a_job_whose_tasks_saved_at_sigterm(tmp_path, requeue, srun_exit):
+    """The rendered script, run by bash with stand-ins for srun and scontrol: only a job whose
+    tasks exited 75 (saved at SIGTERM) with --requeue asks Slurm to requeue it."""
+    out = launch("slurm.py", "--nodes=1", *["--requeue"] * requeue, "--dry_run", "--", "true")
+    script = out.stdout
+    assert ("#SBATCH --requeue\n#SBATCH --signal=TERM@300\n" in script) == requeue
+    for name, body in (("srun", f"exit {srun_exit}"), ("scontrol", f'echo "$@" > {tmp_path}/c')):
+        (tmp_path / name).write_text(f"#!/bin/bash\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
+    ran = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert ran.returncode == srun_exit, ran.stderr
+    requeued = (tmp_path / "c").read_text() if (tmp_path / "c").exists() else ""
+    assert requeued == ("requeue 42\n" if requeue and srun_exit == 75 else "")
 
 
 def test_slurm_needs_a_command():

@@ -208,3 +208,49 @@ def test_a_preempted_member_is_resumed_and_one_preempted_too_often_fails(tmp_pat
     assert started.count("d_model=16,tokens_budget=25600") == 1 + sweep.MAX_RESTARTS
     assert started[:2] == ["d_model=16,tokens_budget=5120"] * 2  # resumed before the next
     assert "  preempted d_model=16,tokens_budget=5120; resuming it (restart 1 of 3)" in said
+
+
+def test_a_pool_of_slices_keeps_each_busy_and_requeues_a_preempted_member(tmp_path,
+                                                                          monkeypatch):
+    """`--runner=tpu --tpu=a,b`: three members on two slices, through a stand-in for
+    launch/tpu_pod.py. The first member's slice is preempted past the launcher's own restarts
+    (exit 75): it goes back to the queue and finishes on whichever slice is free; every member
+    finishes once, never two on one slice; `--status` tells it."""
+    path, root = tmp_path / "sweep.py", tmp_path / "runs"
+    path.write_text(SWEEP)
+    monkeypatch.chdir(ROOT)
+    first = "d_model=16,tokens_budget=5120"
+    runs, busy = [], {}
+
+    class Launch:
+        def __init__(self, command, **_):
+            self.slice = next(c.split("=")[1] for c in command if c.startswith("--tpu="))
+            self.name = os.path.basename(next(c for c in command if c.startswith("--workdir=")))
+            assert self.slice not in busy.values()
+            busy[self.name] = self.slice
+            runs.append((self.name, self.slice))
+            self.polls, self.returncode = 0, None
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 3:
+                return None
+            del busy[self.name]
+            preempted = self.name == first and [name for name, _ in runs].count(first) == 1
+            self.returncode = 75 if preempted else 0
+            if not preempted:
+                member = next(m for m in sweep.load(str(path)) if m.name == self.name)
+                os.makedirs(root / self.name / "checkpoints" / str(member.steps))
+            return self.returncode
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Launch)
+    said = []
+    status = sweep.run_tpu(str(path), str(root), "a,b", log=said.append)
+    assert set(status.values()) == {"done"} and len(status) == 3
+    assert [name for name, _ in runs].count(first) == 2
+    assert sorted({s for _, s in runs}) == ["a", "b"]
+    assert f"  start {first} on a" in said and f"  preempted {first}; resuming it " \
+           f"(restart 1 of 3)" in said
+    table = sweep.status_table(str(path), str(root)).splitlines()
+    assert table[0].split() == ["member", "status", "where"] and len(table) == 4
+    assert all(line.split()[1] == "done" for line in table[1:])

@@ -12,13 +12,19 @@ flags.DEFINE_string("root", None, "folder or gs:// URL holding one workdir per s
 flags.DEFINE_enum("runner", "local", ["local", "tpu"], "where members train")
 flags.DEFINE_integer("parallel", 1, "members trained at once (local runner)")
 flags.DEFINE_bool("dry_run", False, "print the members' commands, run nothing")
-flags.DEFINE_string("tpu", "", "TPU VM name for --runner=tpu")
+flags.DEFINE_bool("status", False, "print each member's state (done, running where, failed, "
+                  "pending) and run nothing")
+flags.DEFINE_string("tpu", "", "--runner=tpu: the pool of TPU VM slices, NAME[,NAME...]; each "
+                    "trains one member at a time")
 FLAGS = flags.FLAGS
 
 
 def run(args: list[str], overrides: list[str]) -> None:
     if not FLAGS.root or not FLAGS.sweep:
         raise app.UsageError("sweep needs --root and --sweep=FILE.")
+    if FLAGS.status:
+        print(sweep.status_table(FLAGS.sweep, FLAGS.root))
+        return
     try:
         if FLAGS.runner == "tpu":
             status = sweep.run_tpu(FLAGS.sweep, FLAGS.root, FLAGS.tpu, FLAGS.dry_run)

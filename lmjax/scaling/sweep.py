@@ -20,8 +20,10 @@ loading the sweep refuses a fork whose parent would not keep that step.
 """
 
 import collections
+import contextlib
 import copy
 import dataclasses
+import json
 import pathlib
 import re
 import shutil
@@ -212,26 +214,56 @@ def _ready(root: str, member: Member) -> bool:
 
 def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
               env: dict | None = None, log=print) -> dict[str, str]:
-    """Train every unfinished member, `parallel` at a time; returns {name: status}, status one
-    of 'skipped' (already finished), 'done', 'failed' (or preempted over MAX_RESTARTS times).
-    Each member's output goes to its
-    workdir's train.log. SIGTERM or Ctrl-C stops the running members (they resume next time)."""
+    """Train every unfinished member, `parallel` at a time, here; see `run_slots`."""
     if parallel < 1:
         raise ValueError(f"--parallel={parallel} must be at least 1.")
+    return run_slots(path, root, [f"local-{i}" for i in range(parallel)],
+                     lambda m, workdir, slot: train_command(path, workdir, m), dry_run, env, log)
+
+
+def run_tpu(path: str, root: str, pool: str, dry_run: bool = False, log=print) -> dict[str, str]:
+    """Train every unfinished member on a pool of TPU slices (`pool`: comma-separated names),
+    each slice busy with one member at a time through launch/tpu_pod.py, which sees its member
+    through preemptions of its slice. `root` must be visible from the pods (gs://)."""
+    slices = [name for name in pool.split(",") if name]
+    if not slices:
+        raise ValueError("--runner=tpu needs --tpu=NAME[,NAME...]: the slices to train on.")
+    if not dry_run and not pathlib.Path("launch/tpu_pod.py").is_file():  # this checkout's
+        raise FileNotFoundError("launch/tpu_pod.py does not exist; run from the repository "
+                                "root (or use --dry_run to print the commands).")
+    if not paths.is_url(path):  # the hosts get this checkout (the cwd), unpacked elsewhere
+        inside = pathlib.Path(path).resolve()
+        if not inside.is_relative_to(pathlib.Path.cwd()):
+            raise ValueError(f"--sweep={path} is outside this checkout, which is all the TPU "
+                             f"hosts receive: move it inside, or onto gs://.")
+        path = str(inside.relative_to(pathlib.Path.cwd()))
+    return run_slots(path, root, slices,
+                     lambda m, workdir, slot: tpu_command(path, workdir, m, slot), dry_run,
+                     None, log)
+
+
+def run_slots(path: str, root: str, slots: list[str], command, dry_run: bool = False,
+              env: dict | None = None, log=print) -> dict[str, str]:
+    """Keep every slot busy with the next unfinished member (`command(member, workdir, slot)`:
+    its argv) until none is left; returns {name: status}, status one of 'skipped' (already
+    finished), 'done', 'failed' (or preempted more than MAX_RESTARTS times). Each member's output
+    goes to its workdir's train.log, and ROOT/sweep_status.json says where each member is (what
+    `lmjax sweep --status` prints). SIGTERM or Ctrl-C stops the running members (they resume
+    next time)."""
     members = load(path)
     status = {m.name: "skipped" for m in members if is_finished(workdir_of(root, m.name), m.steps)}
     queue = [m for m in members if m.name not in status]
     log(f"sweep {path}: {len(members)} members, {len(status)} finished, {len(queue)} to train")
     if dry_run:
-        for m in queue:
-            log(_shell(train_command(path, workdir_of(root, m.name), m)))
+        for i, m in enumerate(queue):
+            log(_shell(command(m, workdir_of(root, m.name), slots[i % len(slots)])))
         return status
     local_logs = None
     if paths.is_url(root) and queue:
         local_logs = pathlib.Path(tempfile.mkdtemp(prefix="lmjax-sweep-logs-"))
         log(f"members' output: {local_logs}/NAME.log, uploaded to their train.log at the end")
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
-    restarts = collections.Counter()
+    running: dict[str, tuple[subprocess.Popen, float, str]] = {}
+    restarts, where = collections.Counter(), {}
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # -> KeyboardInterrupt
     try:
         while queue or running:
@@ -241,18 +273,20 @@ def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
                 queue.remove(m)
                 status[m.name] = "failed"
                 log(f"  failed {m.name}: {m.parent} ended without step {m.fork_step} to fork")
-            while len(running) < parallel and (m := next(
-                    (m for m in queue if _ready(root, m)), None)) is not None:
+            free = [s for s in slots if s not in {slot for _, _, slot in running.values()}]
+            while free and (m := next((m for m in queue if _ready(root, m)), None)) is not None:
                 queue.remove(m)
+                slot = free.pop(0)
                 workdir = paths.resolve(workdir_of(root, m.name))
                 workdir.mkdir(parents=True, exist_ok=True)
                 with _log_file(workdir, local_logs).open("a") as out:
-                    proc = subprocess.Popen(train_command(path, str(workdir), m), stdout=out,
+                    proc = subprocess.Popen(command(m, str(workdir), slot), stdout=out,
                                             stderr=subprocess.STDOUT, env=env)
-                running[m.name] = (proc, time.perf_counter())
-                log(f"  start {m.name}")
+                running[m.name], where[m.name] = (proc, time.perf_counter(), slot), slot
+                log(f"  start {m.name}" + ("" if slot.startswith("local-") else f" on {slot}"))
+                _write_status(root, members, status, running, where)
             time.sleep(0.2)
-            for name, (proc, start) in list(running.items()):
+            for name, (proc, start, _) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[name]
@@ -270,14 +304,15 @@ def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
                 finished = sum(s != "failed" for s in status.values())
                 log(f"  [{finished}/{len(members)} finished, {len(running)} running] "
                     f"{status[name]} {name} in {time.perf_counter() - start:.0f}s{detail}")
+                _write_status(root, members, status, running, where)
     except KeyboardInterrupt:  # the CLI prints this one line; no traceback for a normal stop
         stopped = ", ".join(running) or "none"
         raise KeyboardInterrupt(f"interrupted; stopped {stopped} (each resumes from its last "
                                 "checkpoint): re-run the same command to finish.") from None
     finally:
-        for proc, _ in running.values():  # interrupted: stop members, they resume next time
+        for proc, _, _ in running.values():  # interrupted: stop members, they resume next time
             proc.terminate()
-        for name, (proc, _) in running.items():
+        for name, (proc, _, _) in running.items():
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -286,24 +321,34 @@ def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
         signal.signal(signal.SIGTERM, previous)
         if local_logs is not None:
             shutil.rmtree(local_logs)  # a temporary folder; every log is in its workdir now
+        with contextlib.suppress(OSError):
+            _write_status(root, members, status, {}, where)
     return status
 
 
-def run_tpu(path: str, root: str, tpu: str, dry_run: bool = False, log=print) -> dict[str, str]:
-    """Hand each unfinished member to launch/tpu_pod.py, one after another (a pod trains one
-    member at a time). `root` must be visible from the pod (gs://) for skips to be seen."""
+STATUS_FILE = "sweep_status.json"
+
+
+def _write_status(root: str, members: list[Member], status: dict, running: dict,
+                  where: dict) -> None:
+    table = {m.name: {"status": "running" if m.name in running else status.get(m.name, "pending"),
+                      "where": where.get(m.name, "")} for m in members}
+    (paths.resolve(root) / STATUS_FILE).write_text(json.dumps(table, indent=1))
+
+
+def status_table(path: str, root: str) -> str:
+    """`lmjax sweep --status`: each member's state. A finished final checkpoint says 'done'
+    whatever the last sweep wrote; otherwise ROOT/sweep_status.json ('running' there means a
+    sweep process was running it when it last wrote: it may have died since)."""
     members = load(path)
-    status = {m.name: "skipped" for m in members if is_finished(workdir_of(root, m.name), m.steps)}
-    for m in sorted(members, key=lambda m: bool(m.parent)):  # parents before their forks
-        if m.name in status:
-            continue
-        command = tpu_command(path, workdir_of(root, m.name), m, tpu)
-        log(_shell(command))
-        if dry_run:
-            continue
-        if not pathlib.Path("launch/tpu_pod.py").is_file():  # this checkout's, not a user's
-            raise FileNotFoundError("launch/tpu_pod.py does not exist; run from the repository "
-                                    "root (or use --dry_run to print the commands).")
-        code = subprocess.run(command).returncode
-        status[m.name] = {0: "done", distributed.PREEMPTED: "preempted"}.get(code, "failed")
-    return status
+    file = paths.resolve(root) / STATUS_FILE
+    saved = json.loads(file.read_text()) if file.exists() else {}
+    rows = []
+    for m in members:
+        entry = saved.get(m.name, {})
+        state = "done" if is_finished(workdir_of(root, m.name), m.steps) else (
+            entry.get("status", "pending").replace("skipped", "done"))
+        rows.append((m.name, state, entry.get("where", "")))
+    width = max(len(name) for name, _, _ in rows)
+    return "\n".join([f"{'member':{width}}  status    where",
+                      *(f"{n:{width}}  {s:8}  {w}" for n, s, w in rows)])

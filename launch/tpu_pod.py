@@ -2,8 +2,8 @@
 it through preemptions.
 
     python launch/tpu_pod.py --tpu=NAME [--zone=Z --project=P] [--create [--queued] [--spot]
-        --accelerator=v5p-64 --version=v2-alpha-tpuv5] [--delete] [--max_restarts=3] \\
-        [--env=LIBTPU_INIT_ARGS=...] [--dry_run] \\
+        --accelerator=v5p-64 --version=v2-alpha-tpuv5] [--num_slices=K] [--delete] \\
+        [--max_restarts=3] [--env=LIBTPU_INIT_ARGS=...] [--dry_run] \\
         -- lmjax train --config=configs/llama.py:1b --workdir=gs://BUCKET/run
 
 What it does, each step one gcloud command (`--dry_run` prints them all and runs nothing):
@@ -28,6 +28,11 @@ What it does, each step one gcloud command (`--dry_run` prints them all and runs
      which resumes from the workdir's newest checkpoint; each restart is logged with the steps
      it lost, up to --max_restarts, after which it exits 75;
   8. with --delete, delete the slice in any case (a failure, Ctrl-C: idle TPUs cost money).
+--num_slices=K (K > 1) runs on K slices NAME-0 .. NAME-(K-1) as one job (Multislice): with
+--create --queued one queued resource of K nodes (`--node-count`, `--node-prefix`); every host
+gets MEGASCALE_COORDINATOR_ADDRESS (slice 0's host 0), MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID
+and MEGASCALE_PORT, as MaxText's multihost_runner sets them; and an `lmjax train` command whose
+config's mesh.dcn_* do not multiply to K is refused before anything is created.
 Without --zone/--project gcloud's configured defaults apply. The workdir must be a path every
 host reaches (gs://); metrics and checkpoints are written there by the hosts themselves.
 `lmjax sweep --runner=tpu --tpu=NAME` hands each member to this script as `--tpu=NAME -- ...`.
@@ -36,6 +41,7 @@ host reaches (gs://); metrics and checkpoints are written there by the hosts the
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -62,8 +68,14 @@ def _gcloud(args, *words: str) -> list[str]:
     return ["gcloud", "compute", "tpus", *words, *where]
 
 
-def _ssh(args, command: str, worker: str = "all") -> list[str]:
-    return _gcloud(args, "tpu-vm", "ssh", args.tpu, f"--worker={worker}", f"--command={command}")
+def _nodes(args) -> list[str]:
+    """The TPU VMs of the run: NAME, or NAME-0 .. NAME-(K-1) for --num_slices=K."""
+    return [args.tpu] if args.num_slices == 1 else [f"{args.tpu}-{i}"
+                                                     for i in range(args.num_slices)]
+
+
+def _ssh(args, node: str, command: str, worker: str = "all") -> list[str]:
+    return _gcloud(args, "tpu-vm", "ssh", node, f"--worker={worker}", f"--command={command}")
 
 
 def _script(command: list[str], env: list[str], rc: str) -> str:
@@ -80,58 +92,81 @@ def _script(command: list[str], env: list[str], rc: str) -> str:
 
 
 def create(args) -> list[tuple[str, list[str]]]:
-    """The slice: (what, argv) steps; 'poll' repeats until it prints ACTIVE."""
+    """The slices: (what, argv) steps; 'poll' repeats until it prints ACTIVE."""
     spot = ["--spot"] if args.spot else []
+    kind = [f"--accelerator-type={args.accelerator}"]
     if args.queued:
-        return [("run", _gcloud(args, "queued-resources", "create", args.tpu,
-                                f"--node-id={args.tpu}", f"--accelerator-type={args.accelerator}",
+        nodes = ([f"--node-id={args.tpu}"] if args.num_slices == 1 else
+                 [f"--node-count={args.num_slices}", f"--node-prefix={args.tpu}"])
+        return [("run", _gcloud(args, "queued-resources", "create", args.tpu, *nodes, *kind,
                                 f"--runtime-version={args.version}", *spot)),
                 ("poll", _gcloud(args, "queued-resources", "describe", args.tpu,
                                  "--format=value(state.state)"))]
-    return [("run", _gcloud(args, "tpu-vm", "create", args.tpu,
-                            f"--accelerator-type={args.accelerator}", f"--version={args.version}",
-                            *spot))]
+    return [("run", _gcloud(args, "tpu-vm", "create", node, *kind, f"--version={args.version}",
+                            *spot)) for node in _nodes(args)]
 
 
-def delete(args) -> list[str]:
+def delete(args) -> list[list[str]]:
     if args.queued:
-        return _gcloud(args, "queued-resources", "delete", args.tpu, "--force", "--quiet")
-    return _gcloud(args, "tpu-vm", "delete", args.tpu, "--quiet")
+        return [_gcloud(args, "queued-resources", "delete", args.tpu, "--force", "--quiet")]
+    return [_gcloud(args, "tpu-vm", "delete", node, "--quiet") for node in _nodes(args)]
 
 
-def start(args, command: list[str], run: str) -> list[tuple[str, list[str]]]:
+def _megascale(args, address: str) -> list[list[str]]:
+    """Each slice's MEGASCALE_* exports (none for one slice)."""
+    if args.num_slices == 1:
+        return [[]]
+    return [[f"MEGASCALE_COORDINATOR_ADDRESS={address}:8080",
+             f"MEGASCALE_NUM_SLICES={args.num_slices}", f"MEGASCALE_SLICE_ID={i}",
+             "MEGASCALE_PORT=8080"] for i in range(args.num_slices)]
+
+
+def coordinator(args) -> list[str]:
+    """Slice 0's host 0's internal address, which every slice's hosts meet at."""
+    return _gcloud(args, "tpu-vm", "describe", _nodes(args)[0],
+                   "--format=value(networkEndpoints[0].ipAddress)")
+
+
+def start(args, command: list[str], run: str, address: str = "IP_OF_SLICE_0_HOST_0"
+          ) -> list[tuple[str, list[str]]]:
     """Copy the code, set up every host, start the command: (what, argv) steps."""
     archive = f"/tmp/lmjax-{args.tpu}.tar.gz"
     pack = (f"set -o pipefail && cd {shlex.quote(ROOT)} && git rev-parse --is-inside-work-tree "
             f"> /dev/null && git ls-files -z --cached --others --exclude-standard | "
             f"tar czf {archive} --null -T -")
     log, rc, script = f"{HOME}/{run}.log", f"{HOME}/{run}.rc", f"{HOME}/{run}.sh"
-    launch = (f"printf %s {shlex.quote(_script(command, args.env, rc))} > {script} && "
-              f"cd {HOME}/src && rm -f {rc} && (setsid nohup bash {script} > {log} 2>&1 "
-              f"< /dev/null & echo $! > {HOME}/pid)")
-    return [("local", ["bash", "-c", pack]),
-            ("run", _gcloud(args, "tpu-vm", "scp", archive, f"{args.tpu}:lmjax.tar.gz",
-                            "--worker=all")),
-            ("run", _ssh(args, f"{SETUP} && {CLEAR}")),
-            ("run", _ssh(args, launch))]
+    out = [("local", ["bash", "-c", pack])]
+    for node in _nodes(args):
+        out += [("run", _gcloud(args, "tpu-vm", "scp", archive, f"{node}:lmjax.tar.gz",
+                                "--worker=all")),
+                ("run", _ssh(args, node, f"{SETUP} && {CLEAR}"))]
+    for node, env in zip(_nodes(args), _megascale(args, address), strict=True):
+        text = _script(command, [*env, *args.env], rc)
+        out.append(("run", _ssh(args, node, f"printf %s {shlex.quote(text)} > {script} && "
+                                            f"cd {HOME}/src && rm -f {rc} && (setsid nohup bash "
+                                            f"{script} > {log} 2>&1 < /dev/null & echo $! > "
+                                            f"{HOME}/pid)")))
+    return out
 
 
 def steps(args, command: list[str], run: str = "RUN") -> list[tuple[str, list[str]]]:
-    """Everything a launch runs, in order, for --dry_run (watching is a loop of the last
-    'watch' lines, one per host's exit file and one for host 0's log)."""
+    """Everything a launch runs, in order, for --dry_run (watching is a loop of the 'watch'
+    lines: the slice's state, each host's exit file, host 0's new log bytes)."""
     out = create(args) if args.create else []
+    out += [("resolve", coordinator(args))] if args.num_slices > 1 else []
     out += start(args, command, run)
-    out += [("watch", _state(args)),
-            ("watch", _ssh(args, f"cat {HOME}/{run}.rc 2>/dev/null; true", "I")),
-            ("watch", _ssh(args, f"tail -c +OFFSET {HOME}/{run}.log", "0"))]
-    return out + ([("final", delete(args))] if args.delete else [])
+    node = _nodes(args)[0]
+    out += [("watch", _state(args, node)),
+            ("watch", _ssh(args, node, f"cat {HOME}/{run}.rc 2>/dev/null; true", "I")),
+            ("watch", _ssh(args, node, f"tail -c +OFFSET {HOME}/{run}.log", "0"))]
+    return out + [("final", argv) for argv in delete(args)] * args.delete
 
 
-def _state(args) -> list[str]:
+def _state(args, node: str) -> list[str]:
     if args.queued:
         return _gcloud(args, "queued-resources", "describe", args.tpu,
                        "--format=value(state.state)")
-    return _gcloud(args, "tpu-vm", "describe", args.tpu, "--format=value(state)")
+    return _gcloud(args, "tpu-vm", "describe", node, "--format=value(state)")
 
 
 def _out(argv: list[str]) -> tuple[int, str]:
@@ -156,48 +191,55 @@ def do(plan: list[tuple[str, list[str]]], poll_seconds: float) -> bool:
     return True
 
 
-def hosts(args) -> int:
-    code, out = _out(_gcloud(args, "tpu-vm", "describe", args.tpu,
-                             "--format=value(networkEndpoints.len())"))
-    if code or not out.strip().isdigit():
-        raise RuntimeError(f"cannot read the hosts of TPU VM {args.tpu}: is it there?")
-    return int(out.strip())
+def hosts(args) -> list[tuple[str, int]]:
+    """(node, worker) of every host of the run."""
+    out = []
+    for node in _nodes(args):
+        code, count = _out(_gcloud(args, "tpu-vm", "describe", node,
+                                   "--format=value(networkEndpoints.len())"))
+        if code or not count.strip().isdigit():
+            raise RuntimeError(f"cannot read the hosts of TPU VM {node}: is it there?")
+        out += [(node, worker) for worker in range(int(count))]
+    return out
 
 
-def watch(args, run: str, workers: int) -> int | None:
+def watch(args, run: str, workers: list[tuple[str, int]]) -> int | None:
     """Poll until every host's command has ended: its exit status (the first non-zero host's,
-    PREEMPTED if any host was), or None when the slice itself is lost (preempted, deleted)."""
-    shown, codes = 0, {}
+    PREEMPTED if any host was), or None when a slice itself is lost (preempted, deleted)."""
+    shown, codes, first = 0, {}, _nodes(args)[0]
     while True:
-        state = _out(_state(args))[1].strip()
-        if state not in UP:
-            print(f"tpu_pod: TPU {args.tpu} is {state or 'gone'}", file=sys.stderr, flush=True)
-            return None
-        code, text = _out(_ssh(args, f"tail -c +{shown + 1} {HOME}/{run}.log 2>/dev/null",
-                               "0"))
+        for node in _nodes(args) if not args.queued else [first]:
+            state = _out(_state(args, node))[1].strip()
+            if state not in UP:
+                print(f"tpu_pod: TPU {args.tpu if args.queued else node} is {state or 'gone'}",
+                      file=sys.stderr, flush=True)
+                return None
+        code, text = _out(_ssh(args, first, f"tail -c +{shown + 1} {HOME}/{run}.log "
+                                            f"2>/dev/null", "0"))
         if not code and text:
             print(text, end="", flush=True)
             shown += len(text.encode())
-        for worker in range(workers):
-            if worker not in codes:
-                code, text = _out(_ssh(args, f"cat {HOME}/{run}.rc 2>/dev/null; true",
+        for node, worker in workers:
+            if (node, worker) not in codes:
+                code, text = _out(_ssh(args, node, f"cat {HOME}/{run}.rc 2>/dev/null; true",
                                        str(worker)))
                 if not code and text.strip().lstrip("-").isdigit():
-                    codes[worker] = int(text.strip())
-        if len(codes) == workers:
+                    codes[node, worker] = int(text.strip())
+        if len(codes) == len(workers):
             if PREEMPTED in codes.values() and set(codes.values()) <= {0, PREEMPTED}:
                 return PREEMPTED
-            failed = [w for w in sorted(codes) if codes[w]]
+            failed = [host for host in workers if codes[host]]
             if failed:
-                _, tail = _out(_ssh(args, f"tail -n 20 {HOME}/{run}.log", str(failed[0])))
-                print(f"{tail}\ntpu_pod: host {failed[0]} of {workers} exited "
-                      f"{codes[failed[0]]}", file=sys.stderr, flush=True)
-                return codes[failed[0]]
+                node, worker = failed[0]
+                _, tail = _out(_ssh(args, node, f"tail -n 20 {HOME}/{run}.log", str(worker)))
+                print(f"{tail}\ntpu_pod: host {worker} of {node} exited {codes[node, worker]}",
+                      file=sys.stderr, flush=True)
+                return codes[node, worker]
             return 0
         time.sleep(args.poll)
 
 
-def save_logs(args, run: str, workers: int, workdir: str) -> None:
+def save_logs(args, run: str, workers: list[tuple[str, int]], workdir: str) -> None:
     """Every host's log into WORKDIR/logs/RUN/ (a gs:// workdir too, through etils.epath)."""
     if not workdir:
         return
@@ -205,10 +247,12 @@ def save_logs(args, run: str, workers: int, workdir: str) -> None:
 
     folder = epath.Path(workdir) / "logs" / run
     folder.mkdir(parents=True, exist_ok=True)
-    for worker in range(workers):
-        code, text = _out(_ssh(args, f"cat {HOME}/{run}.log", str(worker)))
+    for node, worker in workers:
+        code, text = _out(_ssh(args, node, f"cat {HOME}/{run}.log", str(worker)))
+        name = f"worker-{worker}.log" if args.num_slices == 1 else \
+            f"slice-{_nodes(args).index(node)}-worker-{worker}.log"
         if not code:
-            (folder / f"worker-{worker}.log").write_text(text)
+            (folder / name).write_text(text)
     print(f"tpu_pod: logs in {folder}", flush=True)
 
 
@@ -230,11 +274,38 @@ def progress(workdir: str) -> str:
         if logged > newest else f"newest checkpoint step {newest}, nothing lost"
 
 
+def check_dcn(command: list[str], slices: int) -> None:
+    """An `lmjax train` command's mesh must span the slices: its mesh.dcn_* (config file and
+    --config.mesh.dcn_* overrides) multiply to --num_slices, or it is refused here."""
+    if command[:2] != ["lmjax", "train"]:
+        return
+    spec = next((w.split("=", 1)[1] for w in command if w.startswith("--config=")), "")
+    if not spec:
+        return
+    sys.path.insert(0, ROOT)
+    from lmjax import config as config_lib  # reads the file only: no JAX, no devices
+
+    overrides = [w.removeprefix("--config.") for w in command if w.startswith("--config.")]
+    mesh = config_lib.load(spec, overrides).mesh
+    dcn = {k: v for k, v in mesh.items() if k.startswith("dcn_")}
+    if math.prod(dcn.values()) != slices:
+        given = ", ".join(f"mesh.{k}={v}" for k, v in dcn.items() if v != 1) or "all 1"
+        raise ValueError(f"--num_slices={slices} but the command's mesh.dcn_* multiply to "
+                         f"{math.prod(dcn.values())} ({given}); set e.g. "
+                         f"--config.mesh.dcn_data={slices}.")
+
+
 def launch(args, command: list[str]) -> int:
     workdir = next((w.split("=", 1)[1] for w in command if w.startswith("--workdir=")), "")
     for attempt in range(args.max_restarts + 1):
         run = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{attempt}"
-        if not do(start(args, command, run), args.poll):
+        address = ""
+        if args.num_slices > 1:
+            code, address = _out(coordinator(args))
+            if code or not address.strip():
+                print(f"tpu_pod: cannot read the address of {_nodes(args)[0]}", file=sys.stderr)
+                return 1
+        if not do(start(args, command, run, address.strip()), args.poll):
             return 1
         workers = hosts(args)
         outcome = watch(args, run, workers)
@@ -251,7 +322,8 @@ def launch(args, command: list[str]) -> int:
                 print("tpu_pod: not re-creating a slice this launch did not create (--create)",
                       file=sys.stderr)
                 return PREEMPTED
-            subprocess.run(delete(args), capture_output=True)
+            for argv in delete(args):
+                subprocess.run(argv, capture_output=True)
             if not do(create(args), args.poll):
                 return 1
     return PREEMPTED
@@ -272,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queued", action="store_true", help="--create/--delete as a queued "
                         "resource (waits for capacity)")
     parser.add_argument("--spot", action="store_true", help="--create a spot (preemptible) slice")
+    parser.add_argument("--num_slices", type=int, default=1, help="K slices NAME-0.. as one "
+                        "job (Multislice); the config's mesh.dcn_* must multiply to K")
     parser.add_argument("--delete", action="store_true", help="delete the slice at the end")
     parser.add_argument("--max_restarts", type=int, default=3, help="re-creations and restarts "
                         "after preemptions before giving up (exit 75)")
@@ -284,11 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("the command after -- is empty")
     try:
+        if args.num_slices < 1:
+            raise ValueError(f"--num_slices={args.num_slices} must be at least 1.")
+        check_dcn(command, args.num_slices)
         plan = steps(args, command)
     except ValueError as e:
         parser.error(str(e))
     if args.dry_run:
         print("\n".join(shlex.join(a) + {"poll": "  # until it prints ACTIVE",
+                                         "resolve": "  # -> IP_OF_SLICE_0_HOST_0",
                                          "watch": "  # polled"}.get(w, "") for w, a in plan))
         return 0
     try:
@@ -300,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        if args.delete:
-            print(f"+ {shlex.join(delete(args))}", flush=True)
-            subprocess.run(delete(args))
+        for argv in delete(args) if args.delete else []:
+            print(f"+ {shlex.join(argv)}", flush=True)
+            subprocess.run(argv)
 
 
 if __name__ == "__main__":

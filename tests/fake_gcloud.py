@@ -8,11 +8,13 @@ metadata JAX reads on a real pod). What it understands, and nothing else (anythi
 naming it, so a launcher flag gcloud lacks fails here too):
 
   tpu-vm create NAME --accelerator-type=v5p-N --version=V [--spot]   (N/8 hosts, at least 1)
-  tpu-vm describe NAME --format=value(state) | --format=value(networkEndpoints.len())
+  tpu-vm describe NAME --format=value(state) | value(networkEndpoints.len())
+                       | value(networkEndpoints[0].ipAddress)   (10.0.0.K for the K-th VM made)
   tpu-vm scp FILE NAME:DEST --worker=all
   tpu-vm ssh NAME --worker=all|I --command=CMD     (exit 255 if the slice is not READY)
   tpu-vm delete NAME --quiet
-  queued-resources create NAME --node-id=NAME --accelerator-type=T --runtime-version=V [--spot]
+  queued-resources create NAME --node-id=NAME | --node-count=K --node-prefix=P
+                   --accelerator-type=T --runtime-version=V [--spot]     (K nodes P-0 .. P-K-1)
   queued-resources describe NAME --format=value(state.state)   (WAITING_FOR_RESOURCES once)
   queued-resources delete NAME --force --quiet
 plus, for the tests, `python tests/fake_gcloud.py preempt NAME`: what a spot slice's preemption
@@ -96,7 +98,9 @@ def make_node(state: dict, name: str, accelerator: str) -> None:
     shutil.rmtree(os.path.join(DIR, name), ignore_errors=True)
     for worker in range(workers):
         os.makedirs(home(name, worker))
-    state["nodes"][name] = {"state": "READY", "workers": workers, "port": free_port()}
+    state["nodes"][name] = {"state": "READY", "workers": workers, "port": free_port(),
+                            "ip": f"10.0.0.{state.setdefault('made', 0)}"}
+    state["made"] += 1
 
 
 def processes(name: str) -> list[int]:
@@ -158,7 +162,8 @@ def tpu_vm(state: dict, verb: str, plain: list[str], named: dict[str, str]) -> i
         if node is None:
             return refuse(f"NOT_FOUND: TPU VM {name}")
         print({"value(state)": node["state"],
-               "value(networkEndpoints.len())": node["workers"]}[named["format"]])
+               "value(networkEndpoints.len())": node["workers"],
+               "value(networkEndpoints[0].ipAddress)": node["ip"]}[named["format"]])
         return 0
     if verb == "scp":
         target, _, dest = plain[1].partition(":")
@@ -182,9 +187,13 @@ def tpu_vm(state: dict, verb: str, plain: list[str], named: dict[str, str]) -> i
 def queued(state: dict, verb: str, plain: list[str], named: dict[str, str]) -> int:
     name = plain[0]
     if verb == "create":
-        if named.get("node-id") != name or "runtime-version" not in named:
-            return refuse("--node-id and --runtime-version are required")
-        state["queued"][name] = {"state": "WAITING_FOR_RESOURCES",
+        count = int(named.get("node-count", 1))
+        if "runtime-version" not in named or (named.get("node-id") != name if count == 1 else
+                                              "node-id" in named or "node-prefix" not in named):
+            return refuse("--runtime-version and --node-id (or --node-count > 1 and "
+                          "--node-prefix) are required")
+        nodes = [name] if count == 1 else [f"{named['node-prefix']}-{i}" for i in range(count)]
+        state["queued"][name] = {"state": "WAITING_FOR_RESOURCES", "nodes": nodes,
                                  "accelerator": named["accelerator-type"]}
         save(state)
         return 0
@@ -197,15 +206,18 @@ def queued(state: dict, verb: str, plain: list[str], named: dict[str, str]) -> i
         print(request["state"])
         if request["state"] == "WAITING_FOR_RESOURCES":  # capacity arrives at the next look
             request["state"] = "ACTIVE"
-            make_node(state, name, request["accelerator"])
+            for node in request["nodes"]:
+                make_node(state, node, request["accelerator"])
         save(state)
         return 0
     if verb == "delete":
         if "force" not in named:
             return refuse("the queued resource has a node: --force is needed")
-        if name in state["nodes"]:
-            kill(name, 0)
-            del state["nodes"][name]
+        for node in request["nodes"]:
+            if node in state["nodes"]:
+                kill(node, 0)
+                del state["nodes"][node]
+                shutil.rmtree(os.path.join(DIR, node), ignore_errors=True)
         del state["queued"][name]
         save(state)
         return 0
@@ -213,11 +225,14 @@ def queued(state: dict, verb: str, plain: list[str], named: dict[str, str]) -> i
 
 
 def preempt(state: dict, name: str) -> int:
-    kill(name, 20)
-    state["nodes"][name]["state"] = "PREEMPTED"
+    """NAME: a TPU VM, or a queued resource (all its nodes)."""
+    nodes = state["queued"][name]["nodes"] if name in state["queued"] else [name]
+    for node in nodes:
+        kill(node, 20)
+        state["nodes"][node]["state"] = "PREEMPTED"
+        shutil.rmtree(os.path.join(DIR, node), ignore_errors=True)
     if name in state["queued"]:
         state["queued"][name]["state"] = "SUSPENDED"
-    shutil.rmtree(os.path.join(DIR, name), ignore_errors=True)
     save(state)
     return 0
 

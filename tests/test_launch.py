@@ -170,8 +170,10 @@ def cloud(tmp_path):
 
 
 def cloud_state(env) -> dict:
+    """The slices and queued resources that exist."""
     with open(os.path.join(env["FAKE_GCLOUD"], "state.json")) as f:
-        return json.load(f)
+        state = json.load(f)
+    return {"nodes": state["nodes"], "queued": state["queued"]}
 
 
 def pod(env, *args: str) -> subprocess.Popen:
@@ -189,11 +191,40 @@ def test_tpu_pod_reports_the_failing_host_keeps_every_log_and_deletes_the_slice(
                code, f"--workdir={workdir}")
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 3, out
-    assert "tpu_pod: host 1 of 2 exited 3" in out
+    assert "tpu_pod: host 1 of pod exited 3" in out
     [run] = os.listdir(workdir / "logs")
     assert [(workdir / "logs" / run / f"worker-{i}.log").read_text() for i in (0, 1)] == [
         "host 0\n", "host 1\n"]
     assert cloud_state(cloud) == {"nodes": {}, "queued": {}}  # deleted although it failed
+
+
+def test_tpu_pod_multislice_refuses_a_mesh_that_does_not_span_the_slices():
+    out = launch("tpu_pod.py", "--tpu=pod", "--num_slices=2", "--dry_run", "--", "lmjax",
+                 "train", "--config=configs/smoke.py", "--workdir=gs://b/r")
+    assert out.returncode == 2 and out.stderr.strip().endswith(
+        "--num_slices=2 but the command's mesh.dcn_* multiply to 1 (all 1); set e.g. "
+        "--config.mesh.dcn_data=2.")
+
+
+def test_tpu_pod_multislice_gives_every_host_its_slice(cloud, tmp_path):
+    """Two v5p-16 slices (2 hosts each) from one queued resource: every host gets the
+    MEGASCALE_* of its slice, slice 0's host 0 as the coordinator; the mesh spans both."""
+    workdir = tmp_path / "run"
+    args = ["--create", "--queued", "--accelerator=v5p-16", "--num_slices=2", "--delete"]
+    dry = launch("tpu_pod.py", "--tpu=pod", *args, "--dry_run", "--", "true")
+    assert shlex.split(dry.stdout.splitlines()[0])[4:9] == [
+        "create", "pod", "--node-count=2", "--node-prefix=pod", "--accelerator-type=v5p-16"]
+    code = ("import os; print(*(os.environ[k] for k in ('MEGASCALE_SLICE_ID', "
+            "'MEGASCALE_NUM_SLICES', 'MEGASCALE_COORDINATOR_ADDRESS')))")
+    proc = pod(cloud, *args, "--", "python3", "-c", code, f"--workdir={workdir}")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    [run] = os.listdir(workdir / "logs")
+    logs = {name: (workdir / "logs" / run / name).read_text() for name in
+            os.listdir(workdir / "logs" / run)}
+    assert logs == {f"slice-{i}-worker-{w}.log": f"{i} 2 10.0.0.0:8080\n" for i in (0, 1)
+                    for w in (0, 1)}
+    assert cloud_state(cloud) == {"nodes": {}, "queued": {}}
 
 
 def test_tpu_pod_deletes_the_slice_on_ctrl_c(cloud):

@@ -11,10 +11,10 @@ What it does, each step one gcloud command (`--dry_run` prints them all and runs
      poll until it is ACTIVE (capacity may take hours; it never fails for lack of it at once);
   2. pack this git checkout (tracked and untracked, not ignored files; outside a checkout it
      stops) and copy it to every host (`scp --worker=all`);
-  3. on every host: unpack into ~/lmjax/src, make ~/lmjax/venv with Python 3.11 (uv, which
-     fetches that Python if the image has an older one) and install `.[tpu]` with this
-     checkout's constraints.txt; stop what an earlier launch left holding the TPU (the process
-     it recorded, whatever has /dev/accel* or /dev/vfio open) and remove /tmp/libtpu_lockfile;
+  3. on every host: stop what an earlier launch left holding the TPU (the process group it
+     recorded, whatever has /dev/accel* or /dev/vfio open) and remove /tmp/libtpu_lockfile;
+     unpack into ~/lmjax/src, make ~/lmjax/venv with Python 3.11 (uv, which fetches that
+     Python if the image has an older one) and install `.[tpu]` with constraints.txt;
   4. start the command on every host at once, detached, with `--env` exported (from a script
      file, so it arrives as typed, quotes and $ included); each host logs to ~/lmjax/RUN.log and
      writes the command's exit status to ~/lmjax/RUN.rc (RUN: this launch);
@@ -139,7 +139,7 @@ def start(args, command: list[str], run: str, address: str = "IP_OF_SLICE_0_HOST
     for node in _nodes(args):
         out += [("run", _gcloud(args, "tpu-vm", "scp", archive, f"{node}:lmjax.tar.gz",
                                 "--worker=all")),
-                ("run", _ssh(args, node, f"{SETUP} && {CLEAR}"))]
+                ("run", _ssh(args, node, f"{CLEAR} && {SETUP}"))]
     for node, env in zip(_nodes(args), _megascale(args, address), strict=True):
         text = _script(command, [*env, *args.env], rc)
         out.append(("run", _ssh(args, node, f"printf %s {shlex.quote(text)} > {script} && "

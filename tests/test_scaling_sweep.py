@@ -41,8 +41,9 @@ def steps_logged(workdir):
 
 
 def mtimes(root):
+    """Each member's metrics.jsonl's modification time (sweep_status.json is the sweep's)."""
     return {name: os.path.getmtime(os.path.join(root, name, "metrics.jsonl"))
-            for name in os.listdir(root)}
+            for name in os.listdir(root) if os.path.isdir(os.path.join(root, name))}
 
 
 def test_members_and_their_commands(tmp_path):
@@ -216,9 +217,13 @@ def test_a_pool_of_slices_keeps_each_busy_and_requeues_a_preempted_member(tmp_pa
     launch/tpu_pod.py. The first member's slice is preempted past the launcher's own restarts
     (exit 75): it goes back to the queue and finishes on whichever slice is free; every member
     finishes once, never two on one slice; `--status` tells it."""
-    path, root = tmp_path / "sweep.py", tmp_path / "runs"
+    checkout, root = tmp_path / "checkout", tmp_path / "runs"  # what the pods would receive
+    (checkout / "launch").mkdir(parents=True)
+    (checkout / "launch" / "tpu_pod.py").write_text("")
+    path = checkout / "sweep.py"
     path.write_text(SWEEP)
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(checkout)
+    monkeypatch.syspath_prepend(ROOT)  # the sweep file imports configs.smoke
     first = "d_model=16,tokens_budget=5120"
     runs, busy = [], {}
 

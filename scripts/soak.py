@@ -7,7 +7,8 @@ exactly `checkpoint.max_to_keep` checkpoints.
 Each runs `python -m lmjax train` on the smoke config as a subprocess, samples its resident
 memory (VmRSS, Linux /proc) once a second, and prints one line per check with the figures and
 PASS or FAIL; the exit status is the number of failed checks. "Flat" compares the window around
-10% of the run with the last 10%: RSS within 5%, tokens/s within 10%.
+10% of the run with the last 10%: RSS grown by at most 5% (a fall passes: memory handed back is
+no leak), tokens/s down by at most 10% (faster passes).
 """
 
 import argparse
@@ -89,6 +90,7 @@ def main() -> int:
     args = parser.parse_args()
     steps = args.steps or {"steps": 20000, "saves": 2000}[args.what]
     folder = args.workdir or tempfile.mkdtemp(prefix=f"soak_{args.what}_")
+    os.makedirs(folder, exist_ok=True)
     workdir = os.path.join(folder, "run")
     overrides = (["--config.train.log_every=100", f"--config.checkpoint.every={steps // 4}"]
                  if args.what == "steps" else
@@ -102,7 +104,7 @@ def main() -> int:
     early, late = windows(samples, steps)
     if len(early) and len(late):
         ratio = np.median(late) / np.median(early)
-        failed += check("rss", abs(ratio - 1) <= 0.05,
+        failed += check("rss", ratio <= 1.05,  # growth is a leak; a drop is the allocator
                         f"resident memory {np.median(early):.0f} MiB at 10% of the steps, "
                         f"{np.median(late):.0f} MiB in the last 10% ({ratio:.3f}x); peak "
                         f"{max(r for _, r, _ in samples):.0f} MiB")
@@ -110,7 +112,7 @@ def main() -> int:
         failed += check("rss", False, "too few samples: run more steps")
     if code == 0:
         early_rate, late_rate = rates(workdir, steps)
-        failed += check("speed", abs(late_rate / early_rate - 1) <= 0.10,
+        failed += check("speed", late_rate / early_rate >= 0.90,  # slower is the failure
                         f"{early_rate:,.0f} tokens/s at 10% of the steps, {late_rate:,.0f} in "
                         f"the last 10% ({late_rate / early_rate:.3f}x)")
     if args.what == "saves":

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -364,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = steps(args, command)
     except ValueError as e:
         parser.error(str(e))
+    # Ctrl-C must reach us (to delete the slice) even if the parent left SIGINT blocked or
+    # ignored, as its children inherit both: a scheduler, or a test process's libraries
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.dry_run:
         print("\n".join(shlex.join(a) + {"poll": "  # until it prints ACTIVE",
                                          "resolve": "  # -> IP_OF_SLICE_0_HOST_0",

@@ -176,10 +176,10 @@ def cloud_state(env) -> dict:
     return {"nodes": state["nodes"], "queued": state["queued"]}
 
 
-def pod(env, *args: str) -> subprocess.Popen:
+def pod(env, *args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "tpu_pod.py"),
                              "--tpu=pod", "--poll=0.5", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
 def test_tpu_pod_reports_the_failing_host_keeps_every_log_and_deletes_the_slice(cloud,
@@ -228,7 +228,10 @@ def test_tpu_pod_multislice_gives_every_host_its_slice(cloud, tmp_path):
 
 
 def test_tpu_pod_deletes_the_slice_on_ctrl_c(cloud):
-    proc = pod(cloud, "--create", "--queued", "--delete", "--", "sleep", "300")
+    """Also when its parent left SIGINT blocked (children inherit the mask; something in a
+    long pytest-xdist worker does it): the launcher unblocks it."""
+    proc = pod(cloud, "--create", "--queued", "--delete", "--", "sleep", "300",
+               preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
     deadline = time.monotonic() + 120
     while "sleep 300" not in proc.stdout.readline():  # the start command was sent
         assert time.monotonic() < deadline

@@ -3,9 +3,16 @@ the roofline and the fit check (plan.py) and bench's peak source (bench.py).
 
 A CPU has no entry: it has no honest datasheet figure, so its peak is measured
 (metrics.measured_matmul_flops) and its roofline is not drawn.
+
+Also the devices `lmjax plan` compiles for without having them: fake CPU devices, or the chips of
+a TPU slice as libtpu describes it.
 """
 
 import dataclasses
+import math
+import os
+
+import jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,3 +55,71 @@ def lookup(device_kind: str) -> Chip | None:
     table does not know."""
     known = [kind for kind in CHIPS if device_kind.startswith(kind)]
     return CHIPS[max(known, key=len)] if known else None
+
+
+def cpu_devices(count: int) -> list:
+    """`count` CPU devices to compile for: made up if JAX has not started, else those it has."""
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # backends already up (tests, a notebook): use what exists
+        pass
+    devices = jax.devices("cpu")
+    if count < 1 or count > len(devices):
+        raise ValueError(f"--devices={count} must be between 1 and the {len(devices)} CPU "
+                         "devices JAX already started with.")
+    return devices[:count]
+
+
+# Cloud TPU names: v4-N and v5p-N count TensorCores (2 per chip), v5e-N and v6e-N count chips.
+_GENERATIONS = {"v4": (3, 2), "v5p": (3, 2), "v5e": (2, 1), "v6e": (2, 1)}  # (torus dims, cores)
+
+
+def topology_name(name: str) -> tuple[str, dict]:
+    """A Cloud TPU name ('v5p-64') as libtpu's topology name and options ('v5p:2x4x4', {}).
+
+    Shapes follow the Cloud TPU docs' tables: the smallest dimension doubles first (v5p-8 is
+    2x2x1, v5p-64 2x4x4, v5p-128 4x4x4; v5e-16 is 4x4). Hosts hold 4 chips (2x2x1), except an
+    8-chip v5e/v6e slice, which is one host, and slices under 4 chips (v5e-1: one host of
+    1x1). A libtpu name ('v5p:4x4x2') passes through.
+    """
+    if ":" in name:
+        return name, {}
+    generation, _, count = name.partition("-")
+    if generation not in _GENERATIONS or not count.isdigit():
+        raise ValueError(f"--topology={name!r} is neither a Cloud TPU name (v4-32, v5p-64, "
+                         f"v5e-16, v6e-8) nor a libtpu one (v5p:4x4x2).")
+    dims, cores_per_chip = _GENERATIONS[generation]
+    num_chips = int(count) // cores_per_chip
+    if num_chips < 1 or num_chips & (num_chips - 1) or int(count) % cores_per_chip:
+        raise ValueError(f"--topology={name!r}: {count} is not a power-of-two slice size.")
+    shape = [2, 2, 1] if dims == 3 and num_chips >= 4 else [1] * dims
+    while math.prod(shape) < num_chips:
+        smallest = min(shape)
+        i = max(j for j, n in enumerate(shape) if n == smallest)  # the rightmost smallest
+        shape[i] *= 2
+    options = ({"chips_per_host_bounds": (2, 4, 1)} if dims == 2 and num_chips == 8 else
+               {"chips_per_host_bounds": (*shape, 1, 1)[:3]} if num_chips < 4 else {})
+    return f"{generation}:{'x'.join(map(str, shape))}", options
+
+
+def tpu_devices(topology: str, slices: int = 1) -> list:
+    """The chips of a TPU topology ('v5p-64' or 'v5p:4x4x2'), `slices` of them joined over DCN,
+    to compile for ahead of time from a CPU host.
+
+    libtpu describes the topology without any TPU attached (MaxText's CPU CI does the same).
+    """
+    from jax.experimental import topologies
+
+    name, options = topology_name(topology)
+    if slices > 1:
+        options["num_slices"] = slices
+    # libtpu's lockfile guards real chips; describing a topology claims none, so a training run
+    # that loaded libtpu (it does on import when installed) must not block the planner.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                            **options).devices
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--topology={topology!r} could not be described ({e}); it needs "
+                         "libtpu (pip install libtpu) and a name such as 'v5p-64' or "
+                         "'v5p:4x4x2'.") from e

@@ -26,8 +26,8 @@ the program, times its loop's trip count (scan over layers, grad_accum's scan).
 
 import collections
 import math
-import os
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -145,72 +145,6 @@ def all_to_all_bytes(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
             * jnp.dtype(m.dtype).itemsize)
 
 
-def cpu_devices(count: int) -> list:
-    """`count` CPU devices to compile for: made up if JAX has not started, else those it has."""
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # backends already up (tests, a notebook): use what exists
-        pass
-    devices = jax.devices("cpu")
-    if count < 1 or count > len(devices):
-        raise ValueError(f"--devices={count} must be between 1 and the {len(devices)} CPU "
-                         "devices JAX already started with.")
-    return devices[:count]
-
-
-# Cloud TPU names: v4-N and v5p-N count TensorCores (2 per chip), v5e-N and v6e-N count chips.
-_GENERATIONS = {"v4": (3, 2), "v5p": (3, 2), "v5e": (2, 1), "v6e": (2, 1)}  # (torus dims, cores)
-
-
-def topology_name(name: str) -> tuple[str, dict]:
-    """A Cloud TPU name ('v5p-64') as libtpu's topology name and options ('v5p:2x4x4', {}).
-
-    Shapes follow the Cloud TPU docs' tables: the smallest dimension doubles first (v5p-8 is
-    2x2x1, v5p-64 2x4x4, v5p-128 4x4x4; v5e-16 is 4x4). Hosts hold 4 chips (2x2x1), except an
-    8-chip v5e/v6e slice, which is one host. A libtpu name ('v5p:4x4x2') passes through.
-    """
-    if ":" in name:
-        return name, {}
-    generation, _, count = name.partition("-")
-    if generation not in _GENERATIONS or not count.isdigit():
-        raise ValueError(f"--topology={name!r} is neither a Cloud TPU name (v4-32, v5p-64, "
-                         f"v5e-16, v6e-8) nor a libtpu one (v5p:4x4x2).")
-    dims, cores_per_chip = _GENERATIONS[generation]
-    num_chips = int(count) // cores_per_chip
-    if num_chips < 1 or num_chips & (num_chips - 1) or int(count) % cores_per_chip:
-        raise ValueError(f"--topology={name!r}: {count} is not a power-of-two slice size.")
-    shape = [2, 2, 1] if dims == 3 and num_chips >= 4 else [1] * dims
-    while math.prod(shape) < num_chips:
-        smallest = min(shape)
-        i = max(j for j, n in enumerate(shape) if n == smallest)  # the rightmost smallest
-        shape[i] *= 2
-    options = {"chips_per_host_bounds": (2, 4, 1)} if dims == 2 and num_chips == 8 else {}
-    return f"{generation}:{'x'.join(map(str, shape))}", options
-
-
-def tpu_devices(topology: str, slices: int = 1) -> list:
-    """The chips of a TPU topology ('v5p-64' or 'v5p:4x4x2'), `slices` of them joined over DCN,
-    to compile for ahead of time from a CPU host.
-
-    libtpu describes the topology without any TPU attached (MaxText's CPU CI does the same).
-    """
-    from jax.experimental import topologies
-
-    name, options = topology_name(topology)
-    if slices > 1:
-        options["num_slices"] = slices
-    # libtpu's lockfile guards real chips; describing a topology claims none, so a training run
-    # that loaded libtpu (it does on import when installed) must not block the planner.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=name,
-                                            **options).devices
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"--topology={topology!r} could not be described ({e}); it needs "
-                         "libtpu (pip install libtpu) and a name such as 'v5p-64' or "
-                         "'v5p:4x4x2'.") from e
-
-
 def roofline(*, flops_per_device: float, hbm_bytes_per_device: float | None,
              ici_bytes: float, dcn_bytes: float, model_flops_per_device: float,
              chip: chips.Chip) -> dict:
@@ -243,19 +177,33 @@ def link_bytes(found: dict[str, dict[str, int]], ways: int) -> int:
     return sum(v["bytes"] * weight.get(kind, 1) for kind, v in found.items())
 
 
-def plan(cfg: ml_collections.ConfigDict, devices=None) -> dict:
-    """Compile the train step of `cfg` on `devices` (default: all) and report its costs."""
+def plan(cfg: ml_collections.ConfigDict, devices=None, hbm_bytes: int | None = None) -> dict:
+    """Compile the train step of `cfg` on `devices` (default: all) and report its costs.
+
+    `hbm_bytes` sizes against other than the datasheet's HBM per chip (headroom; a CPU standing
+    in for a chip). A step XLA cannot fit in the chip's HBM is a result, not an error: `fits`
+    False, XLA's sentence in `error`, and no memory plan, collectives or roofline.
+    """
     devices = jax.devices() if devices is None else devices
     shape = validate.validate(cfg, len(devices))
     mesh = sharding.make_mesh(cfg, devices=devices)
+    start, compiled, error = time.perf_counter(), None, None
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
         fns = train.compile_fns(cfg, mesh)
         abstract = batch.abstract((cfg.data.global_batch_size, cfg.data.seq_len),
                                   cfg.data.segment_mask, sharding.batch_sharding(mesh))
-        compiled = fns.step.lower(fns.abstract_state, abstract).compile()
-    stats = compiled.memory_analysis()
+        lowered = fns.step.lower(fns.abstract_state, abstract)
+        lower_s = time.perf_counter() - start
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a step over its HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            error = str(e).strip().splitlines()[0]
+    compile_s = time.perf_counter() - start - lower_s
+    stats = compiled.memory_analysis() if compiled else None
     try:
-        hlo = compiled.as_text()
+        hlo = compiled.as_text() if compiled else None
     except jax.errors.JaxRuntimeError:  # a libtpu newer than jaxlib writes HLO it cannot read
         hlo = None
     memory = {name: getattr(stats, f"{name}_size_in_bytes", None) for name in
@@ -266,19 +214,21 @@ def plan(cfg: ml_collections.ConfigDict, devices=None) -> dict:
     mesh_shape = dict(zip(sharding.AXES, shape, strict=True))
     kind = devices[0].device_kind
     chip = chips.lookup(kind)
-    hbm = None if chip is None else chip.hbm_bytes
-    fits = None if hbm is None or memory["peak_estimate"] is None else (
+    hbm = hbm_bytes or (None if chip is None else chip.hbm_bytes)
+    fits = False if error else None if hbm is None or memory["peak_estimate"] is None else (
         memory["peak_estimate"] <= hbm)
     found = None if hlo is None else collectives(hlo)
     want = expected(cfg, mesh_shape, fns.abstract_state)
     return {"devices": len(devices), "platform": devices[0].platform, "device_kind": kind,
-            "hbm_bytes": hbm, "fits": fits, "mesh": mesh_shape,
+            "hbm_bytes": hbm, "fits": fits, "error": error, "mesh": mesh_shape,
+            "lower_s": lower_s, "compile_s": compile_s,
             "rules": cfg.mesh.rules, "param_bytes": flops.report_dict(cfg)["param_bytes"],
             "memory_per_device": memory, "collectives": found, "expected_bytes": want,
             "all_to_all_theory": (all_to_all_bytes(cfg, mesh_shape, theory=True)
                                   if "all-to-all" in want else None),
             "hlo": hlo,  # the compiled program's text (None: unreadable), for checks and tests
-            "roofline": _roofline(cfg, compiled, found, want, mesh_shape, len(devices), kind)}
+            "roofline": compiled and _roofline(cfg, compiled, found, want, mesh_shape,
+                                               len(devices), kind)}
 
 
 def _roofline(cfg, compiled, found, want, mesh_shape, num_devices, kind) -> dict | None:
@@ -315,7 +265,9 @@ def _roofline(cfg, compiled, found, want, mesh_shape, num_devices, kind) -> dict
                    hbm_bytes_per_device=cost.get("bytes accessed"),
                    ici_bytes=total - dcn_bytes, dcn_bytes=dcn_bytes,
                    model_flops_per_device=model_flops, chip=chip)
-    out.update(peak_flops=chip.peak_flops, model_flops_per_device=model_flops, flops_used=used,
+    out.update(tokens_per_s_per_chip=tokens / num_devices / out["step_s"] if out["step_s"]
+               else None,
+               peak_flops=chip.peak_flops, model_flops_per_device=model_flops, flops_used=used,
                flops_source="compiled HLO" if used > executed else "model FLOPs x remat",
                hlo_flops_per_device=cost.get("flops"), dcn_bytes=dcn_bytes,
                link_bytes=total, dcn_published=chip.dcn_bw is not None)
@@ -328,9 +280,12 @@ def report(result: dict) -> str:
     mesh = " x ".join(f"{axis}={size}" for axis, size in result["mesh"].items())
     lines = [f"{result['devices']} {result['platform']} devices, mesh {mesh}, rules "
              f"{result['rules']!r}; params {result['param_bytes'] / mib:,.1f} MiB"]
+    lines.append(f"lowered in {result['lower_s']:.1f} s, compiled in {result['compile_s']:.1f} s")
+    if result["error"]:
+        return "\n".join([*lines, f"{result['device_kind']}: does NOT fit: {result['error']}"])
     if result["fits"] is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"
-        lines.append(f"{result['device_kind']}: {verdict} in {result['hbm_bytes'] / 2**30:.0f} "
+        lines.append(f"{result['device_kind']}: {verdict} in {result['hbm_bytes'] / 2**30:,.2f} "
                      f"GiB HBM per chip (peak estimate below)")
     lines += _roofline_lines(result["roofline"])
     lines.append("memory per device (MiB, XLA's plan):")
@@ -361,7 +316,8 @@ def _roofline_lines(r: dict | None) -> list[str]:
     ms = lambda t: "n/a" if t is None else f"{t * 1e3:,.2f} ms"
     lines = [f"roofline per step (datasheet peaks, lmjax/chips.py): "
              f"estimate {ms(r['step_s'])} ({r['bound']}-bound; {ms(r['step_s_no_overlap'])} "
-             f"if nothing overlapped), MFU <= {r['mfu']:.1%}",
+             f"if nothing overlapped), MFU <= {r['mfu']:.1%}, "
+             f"<= {r['tokens_per_s_per_chip']:,.0f} tokens/s per chip",
              f"  compute        {ms(r['compute_s'])}: "
              f"{r['flops_used'] / 1e12:,.3f} TFLOP per chip ({r['flops_source']}) at "
              f"{r['peak_flops'] / 1e12:,.0f} "

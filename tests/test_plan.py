@@ -85,7 +85,7 @@ def test_zero1_on_tpu_reduce_scatters_gradients_and_gathers_weights():
     weight."""
     cfg = config.load("configs/bench.py", ["model.num_layers=1", "mesh.data=4", "mesh.rules=dp",
                                            "mesh.shard_optimizer=True"])
-    zero1 = plan.plan(cfg, plan.tpu_devices("v5p-8"))  # ~40 s to compile
+    zero1 = plan.plan(cfg, chips.tpu_devices("v5p-8"))  # ~40 s to compile
     assert zero1["param_bytes"] == ONE_BLOCK_BYTES
     got = zero1["collectives"]
     # Every gradient byte is summed once: a quarter of it per chip by reduce-scatter, or whole
@@ -166,7 +166,7 @@ def test_topology_without_libtpu_is_one_sentence(monkeypatch):
 
     monkeypatch.setattr(topologies, "get_topology_desc", no_tpu)
     with pytest.raises(ValueError, match="could not be described .* it needs libtpu"):
-        plan.tpu_devices("v5p:2x2x1")
+        chips.tpu_devices("v5p:2x2x1")
 
 
 @pytest.fixture(scope="module")
@@ -209,17 +209,19 @@ def test_fsdp_tp_never_gathers_the_whole_vocabulary(fsdp_tp):
     ("v5e-16", "v5e:4x4", {}),
     ("v5e-256", "v5e:16x16", {}),
     ("v6e-8", "v6e:2x4", {"chips_per_host_bounds": (2, 4, 1)}),
+    ("v5e-1", "v5e:1x1", {"chips_per_host_bounds": (1, 1, 1)}),
+    ("v6e-4", "v6e:2x2", {}),
     ("v5p:4x4x2", "v5p:4x4x2", {}),
 ])
 def test_cloud_tpu_names_map_to_libtpu_topologies(name, libtpu_name, options):
-    assert plan.topology_name(name) == (libtpu_name, options)
+    assert chips.topology_name(name) == (libtpu_name, options)
 
 
 def test_bad_topology_names_are_one_sentence():
     with pytest.raises(ValueError, match="neither a Cloud TPU name"):
-        plan.topology_name("v7x-64")
+        chips.topology_name("v7x-64")
     with pytest.raises(ValueError, match="not a power-of-two slice size"):
-        plan.topology_name("v5p-48")
+        chips.topology_name("v5p-48")
 
 
 def test_roofline_arithmetic():
@@ -254,10 +256,13 @@ def test_splash_compiles_ahead_of_time_for_a_tpu_slice():
     cfg = config.load("configs/smoke.py", ["model.attention=auto", "model.dtype=bfloat16",
                                            "data.seq_len=256", "model.max_len=256",
                                            "mesh.data=4"])
-    result = plan.plan(cfg, plan.tpu_devices("v5p-8"))
+    result = plan.plan(cfg, chips.tpu_devices("v5p-8"))
     assert result["device_kind"] == "TPU v5" and result["fits"]
     assert "tpu_custom_call" in result["hlo"]
     r = result["roofline"]
     assert r["peak_flops"] == 459e12 and 0 < r["mfu"] <= 1
     assert r["step_s"] == max(r["compute_s"], r["memory_s"], r["communication_s"])
+    tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    assert r["tokens_per_s_per_chip"] == pytest.approx(tokens / 4 / r["step_s"])
+    assert result["compile_s"] > 0 and result["lower_s"] > 0 and result["error"] is None
     assert "roofline per step" in plan.report(result)

@@ -1,9 +1,11 @@
-"""`lmjax plan --config=FILE [--devices=N | --topology=v5p-64]`: compile the train step ahead of
-time for devices this host need not have; print memory and collectives."""
+"""`lmjax plan --config=FILE [--devices=N | --topology=v5p-64] [--max_batch] [--search]`:
+compile the train step ahead of time for devices this host need not have; print memory,
+collectives and the roofline; with --max_batch the largest batch that fits, with --search the
+mesh and remat that fit fastest (lmjax/sizing.py)."""
 
 from absl import flags
 
-from lmjax import plan
+from lmjax import chips, plan, sizing
 from lmjax.cli import common
 
 common.define_config()
@@ -13,11 +15,35 @@ flags.DEFINE_string("topology", "", "TPU topology to compile for from this host,
                     "--devices fake CPU devices")
 flags.DEFINE_integer("slices", 1, "copies of --topology joined over DCN (multi-slice; "
                      "set the mesh.dcn_* keys to match)")
+flags.DEFINE_bool("max_batch", False, "find the largest global batch whose step fits "
+                  "(one compile per probe; after --search, for its best row)")
+flags.DEFINE_bool("search", False, "compile every data x fsdp x tensor split of the chips "
+                  "under each --remats policy and rank those that fit by their roofline")
+flags.DEFINE_list("remats", list(sizing.REMATS), "model.remat policies --search tries")
+flags.DEFINE_float("hbm_gib", 0.0, "size against this much memory per device instead of "
+                   "the chip's datasheet HBM (headroom; fake CPU devices standing in)")
 FLAGS = flags.FLAGS
 
 
 def run(args: list[str], overrides: list[str]) -> None:
     # devices before the config, which may start JAX
-    devices = (plan.tpu_devices(FLAGS.topology, FLAGS.slices) if FLAGS.topology
-               else plan.cpu_devices(FLAGS.devices))
-    print(plan.report(plan.plan(common.load_config(overrides), devices)))
+    devices = (chips.tpu_devices(FLAGS.topology, FLAGS.slices) if FLAGS.topology
+               else chips.cpu_devices(FLAGS.devices))
+    cfg = common.load_config(overrides)
+    hbm = int(FLAGS.hbm_gib * 2**30) or None
+    if FLAGS.search:
+        rows = sizing.search(cfg, devices, tuple(FLAGS.remats), hbm)
+        print(sizing.search_report(rows, hbm))
+        best = next((r for r in rows if r["fits"] and r["step_s"] is not None), None)
+        if best is None or not FLAGS.max_batch:
+            return
+        keys = {f"mesh.{axis}": size for axis, size in best["mesh"].items()}
+        cfg = sizing.with_keys(cfg, **keys, **{"mesh.rules": "fsdp_tp",
+                                               "model.remat": best["remat"]})
+    if FLAGS.max_batch:
+        found = sizing.max_batch(cfg, devices, hbm)
+        if found["plan"] is not None:
+            print(plan.report(found["plan"]))
+        print(sizing.max_batch_report(found))
+        return
+    print(plan.report(plan.plan(cfg, devices, hbm)))

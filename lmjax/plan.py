@@ -227,17 +227,19 @@ def plan(cfg: ml_collections.ConfigDict, devices=None, hbm_bytes: int | None = N
             "all_to_all_theory": (all_to_all_bytes(cfg, mesh_shape, theory=True)
                                   if "all-to-all" in want else None),
             "hlo": hlo,  # the compiled program's text (None: unreadable), for checks and tests
-            "roofline": compiled and _roofline(cfg, compiled, found, want, mesh_shape,
-                                               len(devices), kind)}
+            "roofline": compiled and step_roofline(cfg, compiled.cost_analysis(), found or want,
+                                                   mesh_shape, len(devices), kind)}
 
 
-def _roofline(cfg, compiled, found, want, mesh_shape, num_devices, kind) -> dict | None:
-    """The roofline for the compiled step, on the datasheet figures of its chip (None: a CPU)."""
+def step_roofline(cfg: ml_collections.ConfigDict, cost: dict | list | None, found: dict,
+                  mesh_shape: dict[str, int], num_devices: int, kind: str) -> dict | None:
+    """The roofline of a step of `cfg` compiled for `kind` chips (None: a CPU), from XLA's
+    cost analysis and the collectives found in its HLO (or, unreadable, plan.expected's):
+    also for another codebase's step of the same model (experiments/tpu_aot_vs_maxtext)."""
     chip = chips.lookup(kind)
     if chip is None:
         return None
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     model_flops = flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens / num_devices
     # By kind, coarsely: gradient all-reduces (ZeRO-1: scatters and gathers) cross slices when
@@ -251,7 +253,7 @@ def _roofline(cfg, compiled, found, want, mesh_shape, num_devices, kind) -> dict
                                          ("tensor", ("all-reduce",)),
                                          ("expert", ("all-to-all",)))
                 if dcn[sharding.AXES.index(axis)] > 1 for op in ops}
-    measured = found if found is not None else {k: {"bytes": v} for k, v in want.items()}
+    measured = {k: v if isinstance(v, dict) else {"bytes": v} for k, v in found.items()}
     # reduce-scatters run over 'fsdp', or with ZeRO-1 over 'data' too: costed at the wider
     ways = max(mesh_shape["fsdp"], mesh_shape["data"] if cfg.mesh.shard_optimizer else 1)
     total = link_bytes(measured, ways)
@@ -270,6 +272,7 @@ def _roofline(cfg, compiled, found, want, mesh_shape, num_devices, kind) -> dict
                peak_flops=chip.peak_flops, model_flops_per_device=model_flops, flops_used=used,
                flops_source="compiled HLO" if used > executed else "model FLOPs x remat",
                hlo_flops_per_device=cost.get("flops"), dcn_bytes=dcn_bytes,
+               hlo_bytes_accessed=cost.get("bytes accessed"),
                link_bytes=total, dcn_published=chip.dcn_bw is not None)
     return out
 

@@ -13,8 +13,8 @@ LAYERS = [
      "backends", "data", "faults", "lease"],
     ["model", "moe"],
     ["flops", "checkpoint", "metrics", "profiler", "validate", "resume"],
-    ["train", "evaluate", "sample", "inference", "interop", "plan", "bench", "coord_check",
-     "distributed", "corpora"],
+    ["train", "evaluate", "sample", "inference", "interop", "plan", "sizing", "bench",
+     "coord_check", "distributed", "corpora"],
     ["scaling"],
     ["cli", "__main__"],
 ]

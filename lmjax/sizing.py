@@ -3,9 +3,11 @@
 Each question is answered by compiling the real step (plan.plan) for each candidate, so what
 "fits" means is XLA's own memory plan for the chip (or `--hbm_gib` of it), not a formula:
 
-  --max_batch  the largest global batch whose step fits: doubling from the smallest batch the
-               mesh can split, then bisection between the last size that fit and the first
-               that did not (peak memory grows with the batch). ~2 log2(B) compiles.
+  --max_batch  the largest global batch whose step fits, in steps the mesh can split: from the
+               config's batch and twice it, XLA's peak is extended as a line in the batch to
+               where it meets the HBM, and that batch and the next are compiled (4 compiles
+               when the line holds, as it does when activations dominate); where it does not,
+               doubling, then bisection (peak memory grows with the batch).
   --search     every (data, fsdp, tensor) split of a slice's chips under each remat policy, at
                the config's batch; those that fit, ranked by their roofline step-time bound.
                The other axes (seq, expert, the dcn_* sizes) stay as configured.
@@ -54,9 +56,24 @@ def max_batch(cfg: ml_collections.ConfigDict, devices: list, hbm_bytes: int | No
         probes[k] = result
         return result["fits"]
 
-    low, high = 0, None  # fits at `low` units (0: nothing yet), not at `high`
-    k = 1
-    while high is None and k <= 2**MAX_DOUBLINGS:
+    def peak(k: int) -> int:
+        return probes[k]["memory_per_device"]["peak_estimate"]
+
+    start = max(cfg.data.global_batch_size // unit, 1)
+    low, high = (start, None) if fits(start) else (0, start)  # fits at low (0: none), not high
+    if high is None:
+        high = None if fits(2 * start) else 2 * start
+        if high is None:  # peak is close to a line in the batch: aim at where it meets the HBM
+            low = 2 * start
+            slope = (peak(low) - peak(start)) / start
+            limit = probes[low]["hbm_bytes"]
+            aim = low + int((limit - peak(low)) / slope) if slope > 0 else 2 * low
+            if aim > low:
+                low, high = (aim, None) if fits(aim) else (low, aim)
+                if high is None:
+                    low, high = (aim + 1, None) if fits(aim + 1) else (low, aim + 1)
+    k = 2 * low
+    while high is None and k <= 2**MAX_DOUBLINGS:  # the line was wrong: double, then bisect
         low, high, k = (k, None, 2 * k) if fits(k) else (low, k, k)
     while high is not None and high - low > 1:
         mid = (low + high) // 2

@@ -23,6 +23,7 @@ def linear_planner(fixed: int, per_row: int, calls: list):
         peak = fixed + per_row * cfg.data.global_batch_size
         step = 1.0 + cfg.mesh.tensor + 0.5 * cfg.mesh.data + (cfg.model.remat == "full")
         return {"fits": peak <= hbm_bytes, "error": None, "device_kind": "TPU v5",
+                "hbm_bytes": hbm_bytes,
                 "memory_per_device": {"peak_estimate": peak},
                 "roofline": {"step_s": step, "bound": "compute", "tokens_per_s_per_chip": 1}}
     return plan_fn
@@ -33,19 +34,37 @@ def linear_planner(fixed: int, per_row: int, calls: list):
 def test_max_batch_finds_the_largest_fitting_multiple_of_the_unit(limit_rows, expected):
     """4 devices of data parallelism, so batches step by 4; the planner's memory fits
     `limit_rows` rows (plus a fixed part). The answer is the largest multiple of 4 at most the
-    limit, found in about 2 log2 compiles, each batch compiled once."""
+    limit; memory being a line here, 4 compiles find it (the config's 8, 16, the aim and the
+    next), or fewer when the config's batch does not fit; each batch is compiled once."""
     cfg = config.load("configs/smoke.py", ["mesh.data=4"])
     calls = []
     found = sizing.max_batch(cfg, [None] * 4, hbm_bytes=100 + 10 * limit_rows,
                              plan_fn=linear_planner(100, 10, calls))
     assert found["unit"] == 4 and found["global_batch"] == expected
     sizes = [c.data.global_batch_size for c in calls]
-    assert len(sizes) == len(set(sizes))
-    assert len(sizes) <= 2 * ((limit_rows // 4).bit_length() + 1)
+    assert len(sizes) == len(set(sizes)) and len(sizes) <= 4
     if expected is not None:
         assert found["per_device_batch"] == expected / 4
         assert found["plan"]["fits"] and (expected + 4) in sizes  # the next size was refused
         assert not next(f for s, f, _ in found["probes"] if s == expected + 4)
+
+
+def test_max_batch_falls_back_to_doubling_and_bisection_when_memory_is_not_a_line():
+    """A step whose memory jumps at 40 rows (a layout XLA switches to): the line through the
+    config's 8 and 16 rows aims too high, and the search still ends at 36, the largest that
+    fits, every batch compiled once."""
+    calls = []
+    line = linear_planner(100, 10, calls)
+
+    def jumpy(cfg, devices, hbm_bytes):
+        result = line(cfg, devices, hbm_bytes)
+        if cfg.data.global_batch_size >= 40:
+            result["fits"] = False
+        return result
+    cfg = config.load("configs/smoke.py", ["mesh.data=4"])
+    found = sizing.max_batch(cfg, [None] * 4, hbm_bytes=100 + 10 * 1000, plan_fn=jumpy)
+    sizes = [c.data.global_batch_size for c in calls]
+    assert found["global_batch"] == 36 and len(sizes) == len(set(sizes))
 
 
 def test_batch_unit_counts_every_batch_splitting_axis_and_micro_batches():
@@ -78,7 +97,7 @@ def test_max_batch_on_cpu_devices_sizes_against_the_given_memory():
     of a global batch of 4, the answer is 2, and 4 was compiled and refused. Without an HBM size
     there is nothing to size against: one sentence."""
     cfg = config.load("configs/smoke.py", ["mesh.data=2", "data.seq_len=128",
-                                           "model.max_len=128"])
+                                           "model.max_len=128", "data.global_batch_size=2"])
     devices = jax.devices()[:2]
     four = plan.plan(sizing.with_keys(cfg, **{"data.global_batch_size": 4}), devices)
     found = sizing.max_batch(cfg, devices, four["memory_per_device"]["peak_estimate"] - 1)

@@ -9,7 +9,9 @@ count, bytes of its result), next to what the parallelism should cost on paper:
 
   DP        one all-reduce of every gradient: param bytes
   FSDP      all-gather of each sharded weight before use (forward, and again in the backward
-            unless XLA keeps it), reduce-scatter of its gradient: 1/fsdp of it per device
+            unless XLA keeps it), reduce-scatter of its gradient: 1/fsdp of it per device; the
+            embedding table is not gathered: the lookup sends rows to the devices holding
+            their columns and back (all-to-all, the device's tokens x d_model each way)
   TP        all-reduce of the [B/dp, L, D] activations after attention and the MLP, forward
             and backward: 4 per layer
   EP        (mesh.expert > 1, lmjax/moe.py) per MoE layer, an all-to-all of each device's
@@ -96,6 +98,7 @@ def expected(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
     """
     model_state = abstract_state[0]  # (model, optimizer): the moments never travel
     dp, fsdp, tp = mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
+    m_d = cfg.model.d_model
     zero1 = cfg.mesh.shard_optimizer and dp > 1
     out = {"all-reduce": 0, "all-gather": 0, "reduce-scatter": 0}
     for _, var in sharding._logical_params(model_state):
@@ -105,6 +108,14 @@ def expected(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
         axes = {a for entry in spec for a in sharding.axes_of(entry)}
         local = nbytes // math.prod(mesh_shape[a] for a in axes)  # one device's shard
         replicas = mesh_shape["seq"]  # other devices with the same shard, gradients summed
+        vocab_ways = math.prod(mesh_shape[a] for a in sharding.axes_of(spec[0]))
+        if tuple(names) == ("vocab", "embed") and "fsdp" in axes and fsdp > 1 and vocab_ways == 1:
+            # the lookup's rows go to their columns' devices and back (sharding.embed_lookup):
+            # f32 rows forward, compute-dtype gradients backward
+            out["all-to-all"] = out.get("all-to-all", 0) + _tokens(cfg, mesh_shape) * m_d * (
+                jnp.dtype(var.dtype).itemsize + jnp.dtype(cfg.model.dtype).itemsize)
+            if not cfg.model.tie_embeddings:  # else the unembedding gathers it as any weight
+                continue
         if "fsdp" in axes and fsdp > 1:  # gathered before use; its gradient reduce-scattered
             out["all-gather"] += local * fsdp * (2 if "layers" in names else 1)
             out["reduce-scatter"] += local
@@ -121,13 +132,17 @@ def expected(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
         if replicas > 1:
             out["all-reduce"] += local
     if mesh_shape["expert"] > 1:
-        out["all-to-all"] = all_to_all_bytes(cfg, mesh_shape)
+        out["all-to-all"] = out.get("all-to-all", 0) + all_to_all_bytes(cfg, mesh_shape)
     if tp > 1:
-        rows = cfg.data.global_batch_size // (dp * fsdp * mesh_shape["expert"])
-        tokens = rows * cfg.data.seq_len // mesh_shape["seq"]
-        act = tokens * cfg.model.d_model * jnp.dtype(cfg.model.dtype).itemsize
+        act = _tokens(cfg, mesh_shape) * m_d * jnp.dtype(cfg.model.dtype).itemsize
         out["all-reduce"] += 4 * cfg.model.num_layers * act
     return out
+
+
+def _tokens(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> int:
+    """Tokens of the batch on one device: rows split over data x fsdp x expert, seq split."""
+    rows = cfg.data.global_batch_size // math.prod(mesh_shape[a] for a in sharding.BATCH)
+    return rows * cfg.data.seq_len // mesh_shape["seq"]
 
 
 def all_to_all_bytes(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],

@@ -70,6 +70,24 @@ def cpu_devices(count: int) -> list:
     return devices[:count]
 
 
+def gpu_devices(count: int) -> list:
+    """This host's first `count` GPUs, to compile for as `lmjax train` would run there.
+
+    JAX compiles for a GPU only where it has one: deviceless GPU compilation needs the CUDA
+    plugin and private entry points (jax-ml/jax#23971), so a host without a GPU gets a sentence.
+    """
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        raise ValueError("--platform=gpu compiles for this host's GPUs, and JAX sees none here "
+                         "(it needs a GPU and a CUDA jaxlib: pip install -e '.[gpu]'); plan a "
+                         "TPU slice with --topology, or fake CPU devices with --devices.") from None
+    if count < 1 or count > len(devices):
+        raise ValueError(f"--devices={count} must be between 1 and this host's {len(devices)} "
+                         "GPUs.")
+    return devices[:count]
+
+
 # Cloud TPU names: v4-N and v5p-N count TensorCores (2 per chip), v5e-N and v6e-N count chips.
 _GENERATIONS = {"v4": (3, 2), "v5p": (3, 2), "v5e": (2, 1), "v6e": (2, 1)}  # (torus dims, cores)
 

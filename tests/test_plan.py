@@ -166,6 +166,12 @@ def test_cli_plan_makes_its_own_fake_devices():
     assert gather[1:] == ["48", "24.03", "24.01"]  # count, MiB measured, MiB expected
 
 
+def test_gpu_platform_without_a_gpu_is_one_sentence():
+    """The suite runs on CPU: --platform=gpu says why it cannot plan here and what can."""
+    with pytest.raises(ValueError, match="JAX sees none here .* --topology"):
+        chips.gpu_devices(1)
+
+
 def test_topology_without_libtpu_is_one_sentence(monkeypatch):
     from jax.experimental import topologies
 

@@ -9,7 +9,10 @@ from lmjax import chips, plan, sizing
 from lmjax.cli import common
 
 common.define_config()
-flags.DEFINE_integer("devices", 1, "how many fake CPU devices to compile for")
+flags.DEFINE_integer("devices", 1, "how many fake CPU devices (or, with --platform=gpu, this "
+                     "host's GPUs) to compile for")
+flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "what --devices are: fake CPU devices, "
+                  "or this host's GPUs (JAX compiles for a GPU only where it has one)")
 flags.DEFINE_string("topology", "", "TPU topology to compile for from this host, e.g. "
                     "v5p-64, v4-32, v5e-16, v6e-8 or v5p:4x4x2 (needs libtpu); default: "
                     "--devices fake CPU devices")
@@ -28,6 +31,7 @@ FLAGS = flags.FLAGS
 def run(args: list[str], overrides: list[str]) -> None:
     # devices before the config, which may start JAX
     devices = (chips.tpu_devices(FLAGS.topology, FLAGS.slices) if FLAGS.topology
+               else chips.gpu_devices(FLAGS.devices) if FLAGS.platform == "gpu"
                else chips.cpu_devices(FLAGS.devices))
     cfg = common.load_config(overrides)
     hbm = int(FLAGS.hbm_gib * 2**30) or None

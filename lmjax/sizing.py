@@ -5,10 +5,9 @@ Each question is answered by compiling the real step (plan.plan) for each candid
 
   --max_batch  the largest global batch whose step fits, in steps the mesh can split: from the
                config's batch and twice it, XLA's peak is extended as a line in the batch to
-               where it meets the HBM, that batch is compiled and the line redrawn through the
-               two largest that fit until the next batch does not (4 compiles when the line
-               holds, as it does when activations dominate); where that fails, doubling, then
-               bisection (peak memory grows with the batch).
+               where it meets the HBM, and that batch and the next are compiled (4 compiles
+               when the line holds, as it does when activations dominate); where it does not,
+               doubling, then bisection (peak memory grows with the batch).
   --search     every (data, fsdp, tensor) split of a slice's chips under each remat policy, at
                the config's batch; those that fit, ranked by their roofline step-time bound.
                The other axes (seq, expert, the dcn_* sizes) stay as configured.
@@ -22,7 +21,6 @@ import ml_collections
 from lmjax import model, plan, sharding
 
 MAX_DOUBLINGS = 16  # 65,536 times the smallest batch: far past any chip's memory
-MAX_AIMS = 6  # lines through the last two fitting batches before doubling and bisection
 REMATS = ("none", "dots_saveable", "full")
 
 
@@ -63,22 +61,17 @@ def max_batch(cfg: ml_collections.ConfigDict, devices: list, hbm_bytes: int | No
 
     start = max(cfg.data.global_batch_size // unit, 1)
     low, high = (start, None) if fits(start) else (0, start)  # fits at low (0: none), not high
-    last = None  # a fitting batch below `low`: the line through both aims at the HBM
     if high is None:
-        last, low, high = (start, 2 * start, None) if fits(2 * start) else (None, start, 2 * start)
-    for _ in range(MAX_AIMS):  # peak is close to a line in the batch, bent a little by XLA
-        if high is not None or last is None:
-            break
-        slope = (peak(low) - peak(last)) / (low - last)
-        if slope <= 0:
-            break
-        aim = low + int((probes[low]["hbm_bytes"] - peak(low)) / slope)
-        if aim <= low:  # the line ends here: the next batch should not fit
-            last, low, high = (low, low + 1, None) if fits(low + 1) else (last, low, low + 1)
-        elif fits(aim):  # short of the HBM still: the line through the two largest that fit
-            last, low = low, aim
-        else:
-            high = aim
+        high = None if fits(2 * start) else 2 * start
+        if high is None:  # peak is close to a line in the batch: aim at where it meets the HBM
+            low = 2 * start
+            slope = (peak(low) - peak(start)) / start
+            limit = probes[low]["hbm_bytes"]
+            aim = low + int((limit - peak(low)) / slope) if slope > 0 else 2 * low
+            if aim > low:
+                low, high = (aim, None) if fits(aim) else (low, aim)
+                if high is None:
+                    low, high = (aim + 1, None) if fits(aim + 1) else (low, aim + 1)
     k = 2 * low
     while high is None and k <= 2**MAX_DOUBLINGS:  # the line was wrong: double, then bisect
         low, high, k = (k, None, 2 * k) if fits(k) else (low, k, k)

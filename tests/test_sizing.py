@@ -49,26 +49,6 @@ def test_max_batch_finds_the_largest_fitting_multiple_of_the_unit(limit_rows, ex
         assert not next(f for s, f, _ in found["probes"] if s == expected + 4)
 
 
-def test_max_batch_aims_again_when_memory_bends():
-    """Memory that grows a little slower than a line (as XLA's did for 1B on v5p-8): the first
-    aim falls short, the line through the farther point lands; the answer is the largest
-    multiple of 4 whose peak fits, found by brute force here, in at most 8 compiles."""
-    calls = []
-
-    def bent(cfg, devices, hbm_bytes):
-        calls.append(cfg)
-        b = cfg.data.global_batch_size
-        peak = 100 + 10 * b - 0.004 * b * b
-        return {"fits": peak <= hbm_bytes, "error": None, "device_kind": "TPU v5",
-                "hbm_bytes": hbm_bytes, "memory_per_device": {"peak_estimate": peak}}
-    limit = 5000
-    expected = max(b for b in range(4, 1200, 4) if 100 + 10 * b - 0.004 * b * b <= limit)
-    cfg = config.load("configs/smoke.py", ["mesh.data=4"])
-    found = sizing.max_batch(cfg, [None] * 4, hbm_bytes=limit, plan_fn=bent)
-    sizes = [c.data.global_batch_size for c in calls]
-    assert found["global_batch"] == expected and len(sizes) == len(set(sizes)) <= 8
-
-
 def test_max_batch_falls_back_to_doubling_and_bisection_when_memory_is_not_a_line():
     """A step whose memory jumps at 40 rows (a layout XLA switches to): the line through the
     config's 8 and 16 rows aims too high, and the search still ends at 36, the largest that

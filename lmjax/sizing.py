@@ -7,7 +7,9 @@ Each question is answered by compiling the real step (plan.plan) for each candid
                config's batch and twice it, XLA's peak is extended as a line in the batch to
                where it meets the HBM, and that batch and the next are compiled (4 compiles
                when the line holds, as it does when activations dominate); where it does not,
-               doubling, then bisection (peak memory grows with the batch).
+               doubling, then bisection. XLA's peak is not monotonic in the batch near the
+               HBM (1B on v5p-8: 1,016 rows over, 1,080 under), so "largest" is what the search
+               proves: that batch fits and the next does not.
   --search     every (data, fsdp, tensor) split of a slice's chips under each remat policy, at
                the config's batch; those that fit, ranked by their roofline step-time bound.
                The other axes (seq, expert, the dcn_* sizes) stay as configured.

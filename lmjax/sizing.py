@@ -35,6 +35,14 @@ def with_keys(cfg: ml_collections.ConfigDict, **keys) -> ml_collections.ConfigDi
     return out
 
 
+def candidate(cfg: ml_collections.ConfigDict, mesh: dict[str, int], remat: str
+              ) -> ml_collections.ConfigDict:
+    """`cfg` on one of --search's meshes and remat policies (the rules that split every axis
+    it names; with size 1 an axis splits nothing)."""
+    keys = {f"mesh.{axis}": size for axis, size in mesh.items()}
+    return with_keys(cfg, **keys, **{"mesh.rules": "fsdp_tp", "model.remat": remat})
+
+
 def batch_unit(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
     """The step between global batches the mesh can split: a row per batch-splitting device
     (data x fsdp x expert) in each of train.grad_accum micro-batches."""
@@ -109,12 +117,10 @@ def search(cfg: ml_collections.ConfigDict, devices: list, remats: tuple[str, ...
     rows = []
     for mesh in meshes(cfg, len(devices)):
         for remat in remats:
-            keys = {f"mesh.{axis}": size for axis, size in mesh.items()}
-            candidate = with_keys(cfg, **keys, **{"mesh.rules": "fsdp_tp", "model.remat": remat})
             row = {"mesh": mesh, "remat": remat, "fits": False, "peak": None, "step_s": None,
                    "bound": None, "tokens_per_s_per_chip": None, "why": None}
             try:
-                result = plan_fn(candidate, devices, hbm_bytes)
+                result = plan_fn(candidate(cfg, mesh, remat), devices, hbm_bytes)
             except ValueError as e:  # validate's sentence: the split does not divide
                 rows.append({**row, "why": str(e)})
                 continue

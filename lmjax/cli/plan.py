@@ -41,9 +41,7 @@ def run(args: list[str], overrides: list[str]) -> None:
         best = next((r for r in rows if r["fits"] and r["step_s"] is not None), None)
         if best is None or not FLAGS.max_batch:
             return
-        keys = {f"mesh.{axis}": size for axis, size in best["mesh"].items()}
-        cfg = sizing.with_keys(cfg, **keys, **{"mesh.rules": "fsdp_tp",
-                                               "model.remat": best["remat"]})
+        cfg = sizing.candidate(cfg, best["mesh"], best["remat"])
     if FLAGS.max_batch:
         found = sizing.max_batch(cfg, devices, hbm)
         if found["plan"] is not None:

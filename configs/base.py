@@ -93,6 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # capacity_factor x its fair share of the batch's assignments; the rest are dropped)
     e.dispatch = "dropless"
     e.capacity_factor = 1.25
+    # dropless under mesh.expert > 1: 'ragged' (jax.lax.ragged_all_to_all: TPU, GPU) | 'padded'
+    # (every slice padded to its largest: any backend, ~E x the bytes) | 'auto' (CPU: padded)
+    e.exchange = "auto"
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()

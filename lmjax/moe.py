@@ -25,22 +25,33 @@ Dispatch, `model.moe.dispatch`:
 Shared experts (DeepSeek-MoE) see every token: one dense MLP of num_shared_experts ·
 expert_mlp_dim, built by model.py (its Mlp) and handed in.
 
-Expert parallelism (mesh axis 'expert' > 1; capacity dispatch only). Under GSPMD the scatter
-that groups a batch by expert is global, and XLA places it with all-reduces of whole
-activations. Instead, expert weights' leading 'expert' logical axis is split over mesh axis
-'expert' (E/ep experts per device), the batch is split over it too, and one jax.shard_map per
-MoE layer does, on each device: route its own T tokens (the router, top-k and both losses stay
-outside, under GSPMD, so the losses are the global batch's at any mesh); queue them into the
-[E, C, D] buffer with C = ceil(capacity_factor · T · top_k / E) of the *device's* T; all-to-all
-over 'expert' sends each peer the queues of its experts; its E/ep experts run on [ep · C]
-rows each; a second all-to-all sends the outputs back, weighted by the gates. Expert weights
-split over 'fsdp' are gathered inside (the gradient's transpose is the reduce-scatter), and
-over 'tensor' stay split, with the outputs summed (Megatron's MLP). The queues hold
-capacity_factor · top_k · D values per token, each way (lmjax plan prints them against
-theory). Drops depend on the mesh (per-device queues, GShard's groups); with room for every
-assignment the result is expert=1's (tests/test_moe_parallel.py).
+Expert parallelism (mesh axis 'expert' > 1). Under GSPMD the scatter that groups a batch by
+expert is global, and XLA places it with all-reduces of whole activations. Instead, expert
+weights' leading 'expert' logical axis is split over mesh axis 'expert' (E/ep experts per
+device), the batch is split over it too, and one jax.shard_map per MoE layer does, on each
+device: route its own T tokens (the router, top-k and both losses stay outside, under GSPMD, so
+the losses are the global batch's at any mesh); send each assignment to its expert's device;
+run its E/ep experts; send the outputs back, weighted by the gates. Expert weights split over
+'fsdp' are gathered inside (the gradient's transpose is the reduce-scatter), and over 'tensor'
+stay split, with the outputs summed (Megatron's MLP). lmjax plan prints the bytes against
+theory (top_k · D per token each way).
+
+  capacity  queues of [E, C, D] with C = ceil(capacity_factor · T · top_k / E) of the
+            *device's* T go by all_to_all: capacity_factor · top_k · D values per token each
+            way. Drops depend on the mesh (per-device queues, GShard's groups).
+  dropless  the assignments, sorted by expert, go by a ragged all-to-all (MaxText's
+            dropless path; MegaBlocks with expert parallelism) into a receive buffer grouped
+            by local expert, run as one ragged_dot per weight and return the same way. Static
+            shapes need a buffer for the worst case, every device's T · top_k rows for this
+            device's experts (ep times a balanced share). XLA:CPU has no ragged-all-to-all:
+            there model.moe.exchange='auto' takes backends/cpu.py's padded one (every one of
+            the E slices padded to T · top_k rows: E times the bytes, the same numbers).
+
+With room for every assignment (dropless always) the result is expert=1's
+(tests/test_moe_parallel.py).
 """
 
+import functools
 import math
 
 import jax
@@ -51,9 +62,11 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
 from lmjax import config, mup, sharding
+from lmjax.backends import cpu as cpu_backend
 
 SCORES = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity")
+EXCHANGES = ("auto", "ragged", "padded")  # dropless under expert parallelism: resolve_exchange
 STATS = ("moe_aux_loss", "moe_z_loss", "moe_dropped_fraction")  # each MoE layer's, averaged
 
 
@@ -132,7 +145,7 @@ class Moe(nnx.Module):
         x_TD = x_BLD.reshape(B * L, D)
         logits_TE = x_TD.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
         gates_TK, experts_TK, probs_TE = route(logits_TE, m.top_k, m.score)
-        if expert_ways() > 1:  # validate: dispatch='capacity'
+        if expert_ways() > 1:
             K = m.top_k
             y_BLD, dropped = self._expert_parallel(x_BLD, experts_TK.reshape(B, L, K),
                                                    gates_TK.reshape(B, L, K))
@@ -147,12 +160,15 @@ class Moe(nnx.Module):
         stats = (balance_loss(probs_TE, experts_TK), z_loss(logits_TE), dropped)
         return y_BLD, dict(zip(STATS, stats, strict=True))
 
-    def _experts(self, x_SD: jax.Array, matmul) -> jax.Array:
-        """Each expert's MLP on its own rows; matmul(x, stacked weight [E, ...])."""
+    def _experts(self, x_SD: jax.Array, matmul, weights: tuple | None = None) -> jax.Array:
+        """Each expert's MLP on its own rows; matmul(x, stacked weight [E, ...]); `weights`
+        (up, down, gate): this device's, where they are not the module's."""
+        up, down, gate = weights or (self.up[...], self.down[...],
+                                     None if self.gate is None else self.gate[...])
         dtype = x_SD.dtype
-        up = matmul(x_SD, self.up[...].astype(dtype))
-        gate = None if self.gate is None else matmul(x_SD, self.gate[...].astype(dtype))
-        return matmul(activate(self.cfg.mlp, up, gate), self.down[...].astype(dtype))
+        h = matmul(x_SD, up.astype(dtype))
+        h = activate(self.cfg.mlp, h, None if gate is None else matmul(x_SD, gate.astype(dtype)))
+        return matmul(h, down.astype(dtype))
 
     def _dropless(self, x_TD, experts_TK, gates_TK) -> jax.Array:
         T, K = experts_TK.shape
@@ -161,8 +177,7 @@ class Moe(nnx.Module):
         sizes_E = jnp.bincount(flat_S, length=self.cfg.moe.num_experts).astype(jnp.int32)
         y_SD = self._experts(x_TD[order_S // K],
                              lambda x, w: jax.lax.ragged_dot(x, w, sizes_E))
-        y_TKD = y_SD[jnp.argsort(order_S)].reshape(T, K, -1)  # back in token order
-        return jnp.einsum("tkd,tk->td", y_TKD, gates_TK.astype(y_TKD.dtype))
+        return _combine(y_SD, order_S, gates_TK)
 
     def _experts_ECD(self, x_ECD: jax.Array) -> jax.Array:
         return self._experts(x_ECD, lambda x, w: jnp.einsum("ecd,edf->ecf", x, w))
@@ -185,30 +200,18 @@ class Moe(nnx.Module):
         return jnp.einsum("tkd,tk->td", y_TKD, weights_TK), 1 - keep_TK.mean(dtype=jnp.float32)
 
     def _expert_parallel(self, x_BLD, experts_BLK, gates_BLK) -> tuple[jax.Array, jax.Array]:
-        """Capacity dispatch with each device's own tokens, its E/ep experts and two
-        all-to-alls over mesh axis 'expert' (module docstring); 'embed' split over fsdp is
-        gathered, 'mlp' split over tensor is summed (Megatron's MLP)."""
+        """Each device's own tokens to its E/ep experts' devices and back over mesh axis
+        'expert' (module docstring); 'embed' split over fsdp is gathered, 'mlp' split over
+        tensor is summed (Megatron's MLP)."""
         mesh, rules = jax.sharding.get_abstract_mesh(), dict(spmd.get_logical_axis_rules())
         batch, length, embed, mlp = (sharding.axes_of(rules.get(name)) for name in (
             "activation_batch", "activation_length", "embed", "mlp"))
+        mlp = tuple(a for a in mlp if mesh.shape[a] > 1)  # a psum over 1 device is a copy
         act = P(batch or None, length or None)
         d_axes, f_axes = embed or None, mlp or None  # mesh axes of the weights' D and F
         w_in, w_out = P("expert", d_axes, f_axes), P("expert", f_axes, d_axes)
-        ep, E = mesh.shape["expert"], self.cfg.moe.num_experts
         gated = self.gate is not None
         weights = (self.up[...], self.down[...]) + ((self.gate[...],) if gated else ())
-
-        def exchange(x_ECD, up, down, gate):
-            (_, C, D), dtype = x_ECD.shape, x_ECD.dtype
-            x = jax.lax.all_to_all(x_ECD.reshape(ep, E // ep, C, D), "expert", 0, 0, tiled=True)
-            x = x.transpose(1, 0, 2, 3).reshape(E // ep, ep * C, D)  # my experts' queues
-            h = jnp.einsum("ecd,edf->ecf", x, up.astype(dtype))
-            h = activate(self.cfg.mlp, h, None if gate is None else
-                         jnp.einsum("ecd,edf->ecf", x, gate.astype(dtype)))
-            y = jnp.einsum("ecf,efd->ecd", h, down.astype(dtype))
-            y = jax.lax.psum(y, mlp) if mlp else y
-            y = y.reshape(E // ep, ep, C, D).transpose(1, 0, 2, 3)
-            return jax.lax.all_to_all(y, "expert", 0, 0, tiled=True).reshape(E, C, D)
 
         def local(x_BLD, experts_BLK, gates_BLK, up, down, gate=None):
             if embed:  # FSDP's gather, by hand; its transpose reduce-scatters the gradient
@@ -216,16 +219,92 @@ class Moe(nnx.Module):
                             for w, a in ((up, 1), (down, 2)))
                 gate = None if gate is None else jax.lax.all_gather(gate, embed, axis=1,
                                                                     tiled=True)
+
+            def experts(x, matmul):  # this device's experts; partial sums over 'tensor' added
+                y = self._experts(x, matmul, (up, down, gate))
+                return jax.lax.psum(y, mlp) if mlp else y
+
             (B, L, D), K = x_BLD.shape, experts_BLK.shape[-1]
-            y_TD, dropped = self._capacity(
-                x_BLD.reshape(B * L, D), experts_BLK.reshape(B * L, K),
-                gates_BLK.reshape(B * L, K), lambda x: exchange(x, up, down, gate))
-            return y_TD.reshape(B, L, D), dropped.reshape(1, 1)
+            x_TD, experts_TK = x_BLD.reshape(B * L, D), experts_BLK.reshape(B * L, K)
+            gates_TK = gates_BLK.reshape(B * L, K)
+            if self.cfg.moe.dispatch == "dropless":
+                y_TD, dropped = self._dropless_exchange(x_TD, experts_TK, gates_TK, experts), 0.0
+            else:
+                y_TD, dropped = self._capacity(x_TD, experts_TK, gates_TK,
+                                               lambda x: self._queues_exchange(x, experts))
+            return y_TD.reshape(B, L, D), jnp.float32(dropped).reshape(1, 1)
 
         y_BLD, dropped = jax.shard_map(
             local, mesh=mesh, in_specs=(act, act, act, w_in, w_out) + ((w_in,) if gated else ()),
             out_specs=(act, act))(x_BLD, experts_BLK, gates_BLK, *weights)
         return y_BLD, dropped.mean()
+
+    def _queues_exchange(self, x_ECD: jax.Array, experts) -> jax.Array:
+        """Capacity: every device's [E, C, D] queues to the queues' experts and back."""
+        (E, C, D), ep = x_ECD.shape, jax.lax.axis_size("expert")
+        x = jax.lax.all_to_all(x_ECD.reshape(ep, E // ep, C, D), "expert", 0, 0, tiled=True)
+        x = x.transpose(1, 0, 2, 3).reshape(E // ep, ep * C, D)  # my experts' queues
+        y = experts(x, lambda x, w: jnp.einsum("ecd,edf->ecf", x, w))
+        y = y.reshape(E // ep, ep, C, D).transpose(1, 0, 2, 3)
+        return jax.lax.all_to_all(y, "expert", 0, 0, tiled=True).reshape(E, C, D)
+
+    def _dropless_exchange(self, x_TD, experts_TK, gates_TK, experts) -> jax.Array:
+        """Dropless: each device's assignments, sorted by expert, go to their experts' devices
+        by a ragged all-to-all (slice e: the rows for expert e), land grouped by local expert
+        (then by sender), run as one ragged_dot per weight and come back the same way. Every
+        offset follows from one all-gather of the devices' per-expert counts. The receive
+        buffer holds the worst case, every device's T·K rows for this device's experts."""
+        (T, K), E = experts_TK.shape, self.cfg.moe.num_experts
+        ep, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
+        name = self.cfg.moe.exchange  # as train.with_kernel resolved it for the mesh's platform
+        name = resolve_exchange(name) if name == "auto" else name
+        exchange = functools.partial(jax.lax.ragged_all_to_all if name == "ragged" else
+                                     cpu_backend.padded_ragged_all_to_all, axis_name="expert")
+        flat_S = experts_TK.reshape(-1)
+        order_S = jnp.argsort(flat_S, stable=True)  # grouped by expert, so by device
+        sizes_E = jnp.bincount(flat_S, length=E).astype(jnp.int32)
+        counts_PE = jax.lax.all_gather(sizes_E, "expert")  # rows device p sends expert e
+        taken_PE = jnp.cumsum(counts_PE, 1) - counts_PE  # where in device p's sorted rows
+        totals_QJ = counts_PE.sum(0).reshape(ep, E // ep)  # expert j of device q: its rows
+        group_E = (jnp.cumsum(totals_QJ, 1) - totals_QJ).reshape(E)  # its start there
+        land_PE = group_E + jnp.cumsum(counts_PE, 0) - counts_PE  # then after devices < p
+        mine_PJ = _columns(counts_PE, me, ep)  # what my experts get from each device
+        x_SD = x_TD[order_S // K]
+        # zeros_like: as x_SD, varying over the mesh; an invariant buffer would make its
+        # (unused) cotangent an all-reduce of the whole buffer over every device
+        there_RD = exchange(x_SD, jnp.zeros_like(x_SD, shape=(ep * T * K, x_SD.shape[1])),
+                            taken_PE[me], sizes_E, land_PE[me], mine_PJ.reshape(-1))
+        y_RD = experts(there_RD, lambda x, w: jax.lax.ragged_dot(x, w, mine_PJ.sum(0)))
+        y_SD = exchange(y_RD, jnp.zeros_like(x_SD), _columns(land_PE, me, ep).reshape(-1),
+                        mine_PJ.reshape(-1), _columns(taken_PE, me, ep).reshape(-1), sizes_E)
+        return _combine(y_SD, order_S, gates_TK)
+
+
+def _columns(a_PE: jax.Array, me: jax.Array, ep: int) -> jax.Array:
+    """The columns of device `me`'s E/ep experts."""
+    width = a_PE.shape[1] // ep
+    return jax.lax.dynamic_slice_in_dim(a_PE, me * width, width, axis=1)
+
+
+def _combine(y_SD: jax.Array, order_S: jax.Array, gates_TK: jax.Array) -> jax.Array:
+    """Expert outputs in sorted order back to their tokens, weighted by the gates, summed."""
+    T, K = gates_TK.shape
+    y_TKD = y_SD[jnp.argsort(order_S)].reshape(T, K, -1)
+    return jnp.einsum("tkd,tk->td", y_TKD, gates_TK.astype(y_TKD.dtype))
+
+
+def resolve_exchange(name: str, platform: str | None = None) -> str:
+    """model.moe.exchange for `platform` (default: JAX's backend): 'auto' is the native ragged
+    all-to-all where XLA has one (TPU, GPU) and the padded one on CPU, which has none."""
+    if name not in EXCHANGES:
+        raise ValueError(f"model.moe.exchange={name!r} is not one of {EXCHANGES}.")
+    platform = platform or jax.default_backend()
+    if name == "auto":
+        return "padded" if platform == "cpu" else "ragged"
+    if name == "ragged" and platform == "cpu":
+        raise ValueError("model.moe.exchange='ragged' needs a TPU or GPU: XLA:CPU has no ragged "
+                         "all-to-all; use 'padded' or 'auto'.")
+    return name
 
 
 def expert_ways() -> int:
@@ -247,7 +326,8 @@ def mean_stats(per_layer: list[dict]) -> dict[str, jax.Array]:
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the first model.moe setting no model can be built with."""
     m = cfg.model
-    config.check_choices(cfg, {"model.moe.score": SCORES, "model.moe.dispatch": DISPATCHES})
+    config.check_choices(cfg, {"model.moe.score": SCORES, "model.moe.dispatch": DISPATCHES,
+                               "model.moe.exchange": EXCHANGES})
     e = m.moe
     if not e.num_experts:
         return
@@ -268,8 +348,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def validate_expert_axis(m: ml_collections.ConfigDict, ways: int) -> None:
-    """Expert parallelism splits whole experts and exchanges capacity-sized queues
-    (Moe._expert_parallel); `ways` is the expert axis' size, `m` the model config."""
+    """Expert parallelism splits whole experts (Moe._expert_parallel); `ways` is the expert
+    axis' size, `m` the model config."""
     if ways == 1:
         return
     if not m.moe.num_experts:
@@ -278,6 +358,3 @@ def validate_expert_axis(m: ml_collections.ConfigDict, ways: int) -> None:
     if m.moe.num_experts % ways:
         raise ValueError(f"model.moe.num_experts={m.moe.num_experts} is not divisible by the "
                          f"expert axis (mesh.expert x mesh.dcn_expert = {ways}).")
-    if m.moe.dispatch != "capacity":
-        raise ValueError(f"The expert axis ({ways} devices) exchanges capacity-sized queues: set "
-                         f"model.moe.dispatch='capacity' (not {m.moe.dispatch!r}).")

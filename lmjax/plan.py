@@ -14,10 +14,13 @@ count, bytes of its result), next to what the parallelism should cost on paper:
             their columns and back (all-to-all, the device's tokens x d_model each way)
   TP        all-reduce of the [B/dp, L, D] activations after attention and the MLP, forward
             and backward: 4 per layer
-  EP        (mesh.expert > 1, lmjax/moe.py) per MoE layer, an all-to-all of each device's
-            capacity-sized queues to the experts' devices and one back, forward and backward
-            (and the forward's again under remat): theory per token top_k x d_model x bytes,
-            x2 for the return; the queues hold capacity_factor times that (rounded up)
+  EP        (mesh.expert > 1, lmjax/moe.py) per MoE layer, each device's tokens go to the
+            experts' devices and back, forward and backward (and the forward's again under
+            remat): theory per token top_k x d_model x bytes, x2 for the return. Capacity
+            dispatch sends queues of capacity_factor times that (rounded up) by all-to-all;
+            dropless a ragged all-to-all, whose result (counted here) is a receive buffer
+            sized for the worst case (ep x theory there, theory back; the roofline counts
+            theory), or on CPU an all-to-all of every expert's slice padded to T x top_k rows
   ZeRO-1    (mesh.shard_optimizer, data > 1) DP's all-reduce becomes a reduce-scatter of each
             gradient over 'data' (1/data of it per device) and an all-gather of the updated
             weight; a weight no dimension of which 'data' divides is still all-reduced
@@ -39,7 +42,8 @@ from flax import nnx
 from lmjax import chips, flops, moe, sharding, train, validate
 from lmjax.data import batch
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute")
 # `%name = <shape> kind(` with kind plain or the -done half of an async pair (whose result is
 # the output alone; the -start half's tuple also holds the operand, so it is skipped).
 _OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-done)?\(")
@@ -87,7 +91,7 @@ def _computations(hlo_text: str) -> list[tuple[str, int]]:
 
 
 def expected(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
-             abstract_state) -> dict[str, int]:
+             abstract_state, platform: str = "cpu") -> dict[str, int]:
     """Per-device collective bytes per step that the parallelism implies, by kind (see above).
 
     Parameters the preset leaves replicated (norms, and with TP the unsplit ones) are counted in
@@ -132,7 +136,8 @@ def expected(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
         if replicas > 1:
             out["all-reduce"] += local
     if mesh_shape["expert"] > 1:
-        out["all-to-all"] = out.get("all-to-all", 0) + all_to_all_bytes(cfg, mesh_shape)
+        kind, nbytes = exchange_bytes(cfg, mesh_shape, platform)
+        out[kind] = out.get(kind, 0) + nbytes
     if tp > 1:
         act = _tokens(cfg, mesh_shape) * m_d * jnp.dtype(cfg.model.dtype).itemsize
         out["all-reduce"] += 4 * cfg.model.num_layers * act
@@ -145,19 +150,32 @@ def _tokens(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> int:
     return rows * cfg.data.seq_len // mesh_shape["seq"]
 
 
-def all_to_all_bytes(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
-                     theory: bool = False) -> int:
-    """Expert parallelism's all-to-all bytes per device and step (EP above): the [E, C, D]
-    queues as moe.capacity sizes them, or with `theory` top_k x d_model per token."""
+def exchange_bytes(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int], platform: str,
+                   theory: bool = False) -> tuple[str, int]:
+    """Expert parallelism's exchange per device and step (EP above): (collective kind, bytes).
+    Capacity: the [E, C, D] queues as moe.capacity sizes them. Dropless: a ragged all-to-all's
+    result is its receive buffer, every peer's T·top_k rows going out and the device's own
+    coming back; padded (CPU), every one of E slices is padded to T·top_k rows. `theory`:
+    top_k x d_model per token each way, what balanced routing sends."""
     m = cfg.model
     rows = cfg.data.global_batch_size // (cfg.train.grad_accum * mesh_shape["data"]
                                           * mesh_shape["fsdp"] * mesh_shape["expert"])
     tokens = rows * cfg.data.seq_len // mesh_shape["seq"]  # per device and micro-batch
-    per_layer = (m.moe.top_k * tokens if theory else
-                 m.moe.num_experts * moe.capacity(tokens, m)) * m.d_model
-    passes = 2 + (2 if m.remat == "none" else 4)  # there and back: forward, (remat,) backward
-    return (cfg.train.grad_accum * moe.num_moe_layers(m) * passes * per_layer
-            * jnp.dtype(m.dtype).itemsize)
+    assigned, kind = m.moe.top_k * tokens, "all-to-all"
+    if theory:
+        there = back = assigned
+    elif m.moe.dispatch == "capacity":
+        there = back = m.moe.num_experts * moe.capacity(tokens, m)
+    elif moe.resolve_exchange(m.moe.exchange, platform) == "ragged":
+        kind, there, back = "ragged-all-to-all", mesh_shape["expert"] * assigned, assigned
+    else:
+        there = back = m.moe.num_experts * assigned
+    passes = 2 if m.remat == "none" else 3  # forward, (remat's forward,) backward
+    times = cfg.train.grad_accum * moe.num_moe_layers(m)
+    nbytes = times * passes * (there + back) * m.d_model * jnp.dtype(m.dtype).itemsize
+    if m.moe.dispatch == "dropless" and kind == "all-to-all" and not theory:
+        nbytes += times * (passes - 1) * 2 * m.moe.num_experts * 4  # forwards' int32 offsets
+    return kind, nbytes
 
 
 def roofline(*, flops_per_device: float, hbm_bytes_per_device: float | None,
@@ -233,14 +251,14 @@ def plan(cfg: ml_collections.ConfigDict, devices=None, hbm_bytes: int | None = N
     fits = False if error else None if hbm is None or memory["peak_estimate"] is None else (
         memory["peak_estimate"] <= hbm)
     found = None if hlo is None else collectives(hlo)
-    want = expected(cfg, mesh_shape, fns.abstract_state)
+    want = expected(cfg, mesh_shape, fns.abstract_state, devices[0].platform)
     return {"devices": len(devices), "platform": devices[0].platform, "device_kind": kind,
             "hbm_bytes": hbm, "fits": fits, "error": error, "mesh": mesh_shape,
             "lower_s": lower_s, "compile_s": compile_s,
             "rules": cfg.mesh.rules, "param_bytes": flops.report_dict(cfg)["param_bytes"],
             "memory_per_device": memory, "collectives": found, "expected_bytes": want,
-            "all_to_all_theory": (all_to_all_bytes(cfg, mesh_shape, theory=True)
-                                  if "all-to-all" in want else None),
+            "all_to_all_theory": (exchange_bytes(cfg, mesh_shape, "", theory=True)[1]
+                                  if mesh_shape["expert"] > 1 else None),
             "hlo": hlo,  # the compiled program's text (None: unreadable), for checks and tests
             "roofline": compiled and step_roofline(cfg, compiled.cost_analysis(), found or want,
                                                    mesh_shape, len(devices), kind)}
@@ -266,9 +284,12 @@ def step_roofline(cfg: ml_collections.ConfigDict, cost: dict | list | None, foun
                                          ("fsdp", ("all-gather", "reduce-scatter")),
                                          ("seq", ("collective-permute",)),
                                          ("tensor", ("all-reduce",)),
-                                         ("expert", ("all-to-all",)))
+                                         ("expert", ("all-to-all", "ragged-all-to-all")))
                 if dcn[sharding.AXES.index(axis)] > 1 for op in ops}
     measured = {k: v if isinstance(v, dict) else {"bytes": v} for k, v in found.items()}
+    if "ragged-all-to-all" in measured:  # its result is a worst-case buffer: count what moves
+        measured["ragged-all-to-all"] = {"bytes": exchange_bytes(cfg, mesh_shape, "",
+                                                                 theory=True)[1]}
     # reduce-scatters run over 'fsdp', or with ZeRO-1 over 'data' too: costed at the wider
     ways = max(mesh_shape["fsdp"], mesh_shape["data"] if cfg.mesh.shard_optimizer else 1)
     total = link_bytes(measured, ways)
@@ -321,10 +342,13 @@ def report(result: dict) -> str:
         want = "-" if want is None else f"{want / mib:,.2f}"
         lines.append(f"  {'':<32}{kind:<19} {got['count']:>5} {got['bytes'] / mib:>10,.2f} "
                      f"{want:>13}")
-    if "all-to-all" in result["expected_bytes"]:
-        lines.append(f"  all-to-all theory (top_k x d_model x bytes per token, x2 return; fwd, "
-                     f"bwd, remat): {result['all_to_all_theory'] / mib:,.2f} MiB; expected "
-                     f"adds the capacity padding")
+    if result["all_to_all_theory"] is not None:
+        padding = ("the worst-case receive buffers; the roofline counts theory"
+                   if "ragged-all-to-all" in result["expected_bytes"] else
+                   "the capacity padding (dropless on CPU: every slice padded to T x top_k rows)")
+        lines.append(f"  expert exchange theory (top_k x d_model x bytes per token, x2 return; "
+                     f"fwd, bwd, remat): {result['all_to_all_theory'] / mib:,.2f} MiB; expected "
+                     f"adds {padding}")
     return "\n".join(lines)
 
 

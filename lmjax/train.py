@@ -33,6 +33,7 @@ from lmjax import (
     flops,
     loss,
     metrics,
+    moe,
     mup,
     optim,
     paths,
@@ -231,17 +232,18 @@ class Functions:
 
 
 def with_kernel(cfg: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
-    """`cfg` with model.attention resolved for `platform` ('auto' -> what it picks); a kernel
-    the platform lacks fails here, before anything is compiled."""
+    """`cfg` with model.attention and model.moe.exchange resolved for `platform` ('auto' ->
+    what it picks); a kernel the platform lacks fails here, before anything is compiled."""
     if cfg.model.remat == "offload" and platform == "cpu":  # no host transfer is emitted
         warnings.warn("model.remat='offload' on CPU keeps the saved matmul outputs in ordinary "
                       "memory (host and device are one), i.e. it acts as 'dots_saveable'.",
                       stacklevel=2)
     kernel = attention.resolve(cfg.model.attention, platform, cfg.model.dtype)
-    if kernel == cfg.model.attention:
+    exchange = moe.resolve_exchange(cfg.model.moe.exchange, platform)
+    if (kernel, exchange) == (cfg.model.attention, cfg.model.moe.exchange):
         return cfg
     cfg = copy.deepcopy(cfg)
-    cfg.model.attention = kernel
+    cfg.model.attention, cfg.model.moe.exchange = kernel, exchange
     return cfg
 
 

@@ -1,5 +1,6 @@
-"""Expert parallelism (mesh axis 'expert', lmjax/moe.py): the same numbers as one expert
-group, an all-to-all in the program, and the meshes it cannot hold refused."""
+"""Expert parallelism (mesh axis 'expert', lmjax/moe.py), capacity and dropless: the same
+numbers as one expert group, an all-to-all in the program, and the meshes it cannot hold
+refused."""
 
 import re
 
@@ -17,9 +18,9 @@ ROOM = ["model.moe.dispatch=capacity", "model.moe.capacity_factor=2.0",
 ROWS = np.random.default_rng(0).integers(0, 64, (8, 33))
 
 
-def two_steps(overrides):
+def two_steps(overrides, room=ROOM):
     """(per-step metrics, gradients at init, parameters after 2 steps, the step's HLO)."""
-    cfg = config.load("configs/moe.py:tiny", ROOM + overrides)
+    cfg = config.load("configs/moe.py:tiny", room + overrides)
     validate.validate(cfg, 8)
     mesh = sharding.make_mesh(cfg)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules(cfg.mesh.rules)):
@@ -75,15 +76,47 @@ def test_expert_parallel_gives_the_losses_grads_and_params_of_expert_1(one_group
     assert "all-to-all" in ep_hlo and "all-to-all" not in hlo
 
 
+# Dropless: each device's assignments go by a ragged all-to-all (here padded: XLA:CPU has no
+# ragged-all-to-all) to its experts' devices, and none is ever dropped, at any mesh.
+DROPLESS = ["mesh.shard_optimizer=False"]
+
+
+@pytest.fixture(scope="module")
+def one_group_dropless():
+    return two_steps([], DROPLESS)
+
+
+@pytest.mark.parametrize("mesh", [["mesh.expert=4", "mesh.data=2"],
+                                  ["mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2"]])
+def test_dropless_expert_parallel_gives_the_numbers_of_expert_1(one_group_dropless, mesh):
+    rows, grads, params, hlo = one_group_dropless
+    ep_rows, ep_grads, ep_params, ep_hlo = two_steps(mesh, DROPLESS)
+    for row, ep_row in zip(rows, ep_rows, strict=True):
+        assert ep_row == pytest.approx(row, rel=1e-5, abs=1e-6)
+        assert ep_row["train/moe_dropped_fraction"] == 0
+    assert_close(ep_grads, grads)
+    assert_close(ep_params, params, 5e-5)
+    assert "all-to-all" in ep_hlo and "all-to-all" not in hlo
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["mesh.expert=8", "model.moe.dispatch=capacity"],
      "model.moe.num_experts=4 is not divisible by the expert axis (mesh.expert x "
      "mesh.dcn_expert = 8)."),
-    (["mesh.expert=4"], "The expert axis (4 devices) exchanges capacity-sized queues: set "
-                        "model.moe.dispatch='capacity' (not 'dropless')."),
     (["mesh.expert=2", "model.moe.num_experts=0"], "mesh.expert x mesh.dcn_expert = 2 splits "
      "experts, but the model has none (model.moe.num_experts=0); split the batch with mesh.data."),
 ])
 def test_meshes_expert_parallelism_cannot_hold_are_one_sentence(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         validate.validate(config.load("configs/moe.py:tiny", overrides), 8)
+
+
+def test_a_ragged_exchange_on_cpu_is_one_sentence():
+    cfg = config.load("configs/moe.py:tiny", ["model.moe.exchange=ragged"])
+    assert train.with_kernel(cfg, "tpu").model.moe.exchange == "ragged"
+    assert train.with_kernel(config.load("configs/moe.py:tiny"), "cpu").model.moe.exchange == (
+        "padded")
+    with pytest.raises(ValueError, match=re.escape(
+            "model.moe.exchange='ragged' needs a TPU or GPU: XLA:CPU has no ragged all-to-all; "
+            "use 'padded' or 'auto'.")):
+        train.with_kernel(cfg, "cpu")

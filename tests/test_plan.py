@@ -5,6 +5,7 @@ Golden figures: the bench model has 8,390,912 float32 params (configs/bench.py),
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -281,3 +282,50 @@ def test_splash_compiles_ahead_of_time_for_a_tpu_slice():
     assert r["tokens_per_s_per_chip"] == pytest.approx(tokens / 4 / r["step_s"])
     assert result["compile_s"] > 0 and result["lower_s"] > 0 and result["error"] is None
     assert "roofline per step" in plan.report(result)
+
+
+# configs/moe.py:tiny at d_model 256 on 4 devices, expert=4: 8 x 32 = 256 tokens, T = 64 per
+# device, S = T x top_k 2 = 128 assignments, 4 experts, 2 MoE layers.
+MOE_TINY = ["mesh.expert=4", "model.d_model=256", "model.dtype=float32"]
+
+
+@pytest.mark.parametrize("dispatch,rows", [("capacity", 4 * 40), ("dropless", 4 * 128)])
+def test_expert_exchange_sends_the_queues_or_padded_slices(dispatch, rows):
+    """Per MoE layer and pass (forward, backward) every device sends 4 blocks, one per expert,
+    there and back: capacity queues of C = ceil(1.25 x 64 x 2 / 4) = 40 rows, or (dropless on
+    CPU, no ragged all-to-all) every slice padded to S = 128 rows, plus each forward's int32
+    slice offsets (4 per exchange)."""
+    got = plan.plan(config.load("configs/moe.py:tiny", MOE_TINY + [f"model.moe.dispatch="
+                                                                   f"{dispatch}"]),
+                    jax.devices()[:4])
+    offsets = 2 * 1 * 2 * 4 * 4 if dispatch == "dropless" else 0
+    want = 2 * 2 * 2 * rows * 256 * 4 + offsets
+    assert got["collectives"]["all-to-all"]["bytes"] == want
+    assert got["expected_bytes"]["all-to-all"] == want
+    assert got["all_to_all_theory"] == 2 * 2 * 2 * 128 * 256 * 4
+
+
+@needs_libtpu
+def test_mixtral_shaped_dropless_step_compiles_for_v5p_with_the_expert_axis():
+    """configs/moe.py:8x7b's shape (8 experts, top-2, GQA, scanned bf16 layers, full remat,
+    grad_accum) shrunk, dropless, expert=4 on v5p-8: XLA:TPU takes the ragged all-to-all. Per
+    micro-batch (2) a device has 16 / 2 / 4 = 2 rows of 128, T = 256, S = 512; each layer (2)
+    and pass (forward, remat, backward) receives a worst-case buffer of 4 x S rows and returns S:
+    the result sizes plan counts. The roofline counts what balanced routing sends, S each way."""
+    cfg = config.load("configs/moe.py:8x7b", [
+        "model.vocab_size=1024", "model.d_model=256", "model.num_layers=2", "model.num_heads=8",
+        "model.num_kv_heads=2", "model.head_dim=32", "model.mlp_dim=512",
+        "model.moe.expert_mlp_dim=512", "model.max_len=128", "data.seq_len=128",
+        "data.global_batch_size=16", "train.grad_accum=2", "mesh.expert=4",
+        "model.moe.dispatch=dropless"])
+    got = plan.plan(cfg, chips.tpu_devices("v5p-8"))  # ~15 s
+    assert got["fits"] and got["mesh"]["expert"] == 4
+    ragged = got["collectives"]["ragged-all-to-all"]
+    assert ragged["count"] == 2 * 2 * 3 * 2
+    assert ragged["bytes"] == got["expected_bytes"]["ragged-all-to-all"] == (
+        2 * 2 * 3 * (4 * 512 + 512) * 256 * 2)
+    assert got["all_to_all_theory"] == 2 * 2 * 3 * 2 * 512 * 256 * 2
+    # the receive buffer is never all-reduced (an invariant zeros buffer's cotangent would be)
+    assert not re.search(r"= bf16\[2048,256\]\S* all-reduce", got["hlo"])
+    sent = {**got["collectives"], "ragged-all-to-all": {"bytes": got["all_to_all_theory"]}}
+    assert got["roofline"]["link_bytes"] == plan.link_bytes(sent, 1)

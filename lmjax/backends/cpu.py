@@ -1,11 +1,15 @@
-"""XLA:CPU: the model's dense matmul laid out as XLA:CPU's fastest kernels want it.
+"""XLA:CPU: the model's dense matmul laid out as XLA:CPU's fastest kernels want it, and the
+ragged all-to-all XLA:CPU lacks.
 
-Picked once per train step (train.compile_fns, through dot_general_for); the model only ever
-sees a dot_general with jax.lax.dot_general's signature and numbers. The process-level setting
+The matmul is picked once per train step (train.compile_fns, through dot_general_for); the
+model only ever sees a dot_general with jax.lax.dot_general's signature and numbers. The
+ragged all-to-all is picked by model.moe.exchange (moe.resolve_exchange), with
+jax.lax.ragged_all_to_all's signature and result. The process-level setting
 for XLA:CPU (glibc's malloc) is in cpu_host.py, which must not import JAX.
 """
 
 import jax
+import jax.numpy as jnp
 
 
 # XLA folds the transpose of a weight gradient dW = xᵀ·g into the dot, and XLA:CPU then hands
@@ -57,3 +61,23 @@ def dot_general_for(platform: str, weights_sharded: bool):
     if platform == "cpu" and not weights_sharded:
         return dense_dot_general
     return jax.lax.dot_general
+
+
+def padded_ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.Array,
+                             send_sizes: jax.Array, output_offsets: jax.Array,
+                             recv_sizes: jax.Array, *, axis_name: str) -> jax.Array:
+    """jax.lax.ragged_all_to_all's result, from a dense all_to_all of every slice padded to the
+    largest it could be, min(operand rows, output rows). XLA:CPU has no ragged-all-to-all
+    (UNIMPLEMENTED, jax 0.10-0.12); this sends len(send_sizes) x that many rows where the
+    native op sends the slices alone, so it is for CPU runs and tests (moe.resolve_exchange)."""
+    n, out_rows = min(operand.shape[0], output.shape[0]), output.shape[0]
+    rows_n = jnp.arange(n)
+    source_Nn = jnp.clip(input_offsets[:, None] + rows_n, 0, operand.shape[0] - 1)
+    sent_Nn = rows_n < send_sizes[:, None]
+    chunks = jnp.where(sent_Nn.reshape(*sent_Nn.shape, *(1,) * (operand.ndim - 1)),
+                       operand[source_Nn], 0)
+    got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # slice i from i // per-peer
+    starts_N = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+    target_Nn = jnp.where(rows_n < recv_sizes[:, None], starts_N[:, None] + rows_n, out_rows)
+    return output.at[target_Nn.reshape(-1)].set(got.reshape(-1, *operand.shape[1:]),
+                                                 mode="drop")

@@ -1,8 +1,8 @@
 """Run one command on every host of a Cloud TPU VM slice (gcloud), from this checkout, and see
 it through preemptions.
 
-    python launch/tpu_pod.py --tpu=NAME [--zone=Z --project=P] [--create [--queued] [--spot]
-        --accelerator=v5p-64 --version=v2-alpha-tpuv5] [--num_slices=K] [--delete] \\
+    python launch/tpu_pod.py --tpu=NAME [--zone=Z --project=P] [--create [--reuse] [--queued]
+        [--spot] --accelerator=v5p-64 --version=v2-alpha-tpuv5] [--num_slices=K] [--delete] \\
         [--max_restarts=3] [--env=LIBTPU_INIT_ARGS=...] [--dry_run] \\
         -- lmjax train --config=configs/llama.py:1b --workdir=gs://BUCKET/run
 
@@ -35,7 +35,10 @@ and MEGASCALE_PORT, as MaxText's multihost_runner sets them; and an `lmjax train
 config's mesh.dcn_* do not multiply to K is refused before anything is created.
 Without --zone/--project gcloud's configured defaults apply. The workdir must be a path every
 host reaches (gs://); metrics and checkpoints are written there by the hosts themselves.
-`lmjax sweep --runner=tpu --tpu=NAME` hands each member to this script as `--tpu=NAME -- ...`.
+`lmjax sweep --runner=tpu --tpu=NAME` hands each member to this script as `--tpu=NAME -- ...`;
+with `--tpu_count=K` as `--tpu=NAME-I --create --reuse ... -- ...` (the slice is made by its
+first member and kept for the next), and at the sweep's end `--tpu=NAME-I --delete --` (no
+command: delete only).
 """
 
 import argparse
@@ -168,6 +171,14 @@ def _state(args, node: str) -> list[str]:
         return _gcloud(args, "queued-resources", "describe", args.tpu,
                        "--format=value(state.state)")
     return _gcloud(args, "tpu-vm", "describe", node, "--format=value(state)")
+
+
+def is_up(args) -> bool:
+    """The slice (each node of it) is there and usable: --reuse keeps it, as a sweep's pool
+    does between members."""
+    ready = "ACTIVE" if args.queued else "READY"
+    return all(_out(_state(args, node))[1].strip() == ready
+               for node in ([args.tpu] if args.queued else _nodes(args)))
 
 
 def _out(argv: list[str]) -> tuple[int, str]:
@@ -342,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="v5p-8", help="--create: slice type")
     parser.add_argument("--version", default="v2-alpha-tpuv5", help="--create: TPU VM runtime")
     parser.add_argument("--create", action="store_true", help="create the slice first")
+    parser.add_argument("--reuse", action="store_true", help="--create: keep a slice of this "
+                        "name that is already up (a sweep pool's, between members)")
     parser.add_argument("--queued", action="store_true", help="--create/--delete as a queued "
                         "resource (waits for capacity)")
     parser.add_argument("--spot", action="store_true", help="--create a spot (preemptible) slice")
@@ -356,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv[:cut])
     command = argv[cut + 1:]
+    if not command and args.delete:  # nothing to run: only delete (a sweep's pool, at its end)
+        for argv in delete(args):
+            print(f"+ {shlex.join(argv)}", flush=True)
+            if not args.dry_run:
+                subprocess.run(argv)
+        return 0
     if not command:
         parser.error("the command after -- is empty")
     try:
@@ -375,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "watch": "  # polled"}.get(w, "") for w, a in plan))
         return 0
     try:
-        if args.create and not do(create(args), args.poll):
+        if args.create and not (args.reuse and is_up(args)) and not do(create(args),
+                                                                         args.poll):
             return 1
         return launch(args, command)
     except KeyboardInterrupt:

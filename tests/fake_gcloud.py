@@ -7,7 +7,8 @@ a coordinator on 127.0.0.1 as the hosts of a pod do (JAX_* variables stand in fo
 metadata JAX reads on a real pod). What it understands, and nothing else (anything else exits 2
 naming it, so a launcher flag gcloud lacks fails here too):
 
-  tpu-vm create NAME --accelerator-type=v5p-N --version=V [--spot]   (N/8 hosts, at least 1)
+  tpu-vm create NAME --accelerator-type=v5p-N --version=V [--spot]   (N/8 hosts, at least 1;
+                                                          a NAME that exists is refused)
   tpu-vm describe NAME --format=value(state) | value(networkEndpoints.len())
                        | value(networkEndpoints[0].ipAddress)   (10.0.0.K for the K-th VM made)
   tpu-vm scp FILE NAME:DEST --worker=all
@@ -151,6 +152,8 @@ def run_on_hosts(hosts: list[tuple[dict, str]], command: str) -> int:
 
 def tpu_vm(state: dict, verb: str, plain: list[str], named: dict[str, str]) -> int:
     if verb == "create":
+        if plain[0] in state["nodes"]:
+            return refuse(f"ALREADY_EXISTS: TPU VM {plain[0]}")
         make_node(state, plain[0], named["accelerator-type"])
         if not named.get("version"):
             return refuse("--version is required")
@@ -187,6 +190,8 @@ def tpu_vm(state: dict, verb: str, plain: list[str], named: dict[str, str]) -> i
 def queued(state: dict, verb: str, plain: list[str], named: dict[str, str]) -> int:
     name = plain[0]
     if verb == "create":
+        if name in state["queued"]:
+            return refuse(f"ALREADY_EXISTS: queued resource {name}")
         count = int(named.get("node-count", 1))
         if "runtime-version" not in named or (named.get("node-id") != name if count == 1 else
                                               "node-id" in named or "node-prefix" not in named):

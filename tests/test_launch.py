@@ -227,6 +227,26 @@ def test_tpu_pod_multislice_gives_every_host_its_slice(cloud, tmp_path):
     assert cloud_state(cloud) == {"nodes": {}, "queued": {}}
 
 
+def test_a_pool_slice_is_made_once_kept_for_the_next_member_and_deleted_at_the_end(cloud):
+    """What `lmjax sweep --tpu_count` asks of the launcher: `--create --reuse` makes the queued
+    slice for the first member and keeps it for the next (gcloud refuses a name that exists:
+    without --reuse the second launch fails); `--delete --`, no command, only deletes."""
+    def launch(*flags):
+        proc = pod(cloud, *flags, "--queued", "--spot", "--", "true")
+        return proc.communicate(timeout=120)[0], proc.returncode
+
+    first, code = launch("--create", "--reuse")
+    assert code == 0 and first.count("queued-resources create pod") == 1, first
+    second, code = launch("--create", "--reuse")
+    assert code == 0 and "queued-resources create" not in second, second
+    assert launch("--create")[1] == 1  # ALREADY_EXISTS
+    assert list(cloud_state(cloud)["queued"]) == ["pod"]
+    proc = pod(cloud, "--queued", "--delete", "--")
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "queued-resources delete pod" in out, out
+    assert cloud_state(cloud) == {"nodes": {}, "queued": {}}
+
+
 def test_tpu_pod_deletes_the_slice_on_ctrl_c(cloud):
     """Also when its parent left SIGINT blocked (children inherit the mask; something in a
     long pytest-xdist worker does it): the launcher unblocks it."""

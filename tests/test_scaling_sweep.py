@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,3 +260,45 @@ def test_a_pool_of_slices_keeps_each_busy_and_requeues_a_preempted_member(tmp_pa
     table = sweep.status_table(str(path), str(root)).splitlines()
     assert table[0].split() == ["member", "status", "where"] and len(table) == 4
     assert all(line.split()[1] == "done" for line in table[1:])
+
+
+def test_a_counted_pool_is_made_by_its_members_and_deleted_at_the_end(tmp_path, monkeypatch):
+    """`--runner=tpu --tpu=pod --tpu_count=2 --tpu_flags=...`: the slots are pod-0 and pod-1,
+    every member's launch may create its slot's slice or reuse it (`--create --reuse`, with
+    the flags), and when the sweep ends each slot is deleted through the launcher."""
+    checkout, root = tmp_path / "checkout", tmp_path / "runs"
+    (checkout / "launch").mkdir(parents=True)
+    (checkout / "launch" / "tpu_pod.py").write_text("")
+    path = checkout / "sweep.py"
+    path.write_text(SWEEP)
+    monkeypatch.chdir(checkout)
+    monkeypatch.syspath_prepend(ROOT)
+    launches, deletes = [], []
+
+    class Launch:
+        def __init__(self, command, **_):
+            launches.append(command)
+            name = os.path.basename(next(c for c in command if c.startswith("--workdir=")))
+            steps = next(m.steps for m in sweep.load(str(path)) if m.name == name)
+            os.makedirs(root / name / "checkpoints" / str(steps))
+            self.returncode = 0
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Launch)
+    monkeypatch.setattr(sweep.subprocess, "run", lambda argv, **_: deletes.append(argv))
+    status = sweep.run_tpu(str(path), str(root), "pod", log=lambda _: None, count=2,
+                           pod_flags="--accelerator=v5p-8 --spot --queued")
+    assert set(status.values()) == {"done"} and len(status) == 3
+    for command in launches:
+        cut = command.index("--")
+        assert command[1:cut] in (["launch/tpu_pod.py", f"--tpu=pod-{i}", "--create", "--reuse",
+                                   "--accelerator=v5p-8", "--spot", "--queued"] for i in (0, 1))
+    assert {c[2] for c in launches} == {"--tpu=pod-0", "--tpu=pod-1"}
+    assert [argv[1:] for argv in deletes] == [
+        ["launch/tpu_pod.py", f"--tpu=pod-{i}", "--accelerator=v5p-8", "--spot", "--queued",
+         "--delete", "--"] for i in (0, 1)]
+    with pytest.raises(ValueError, match=re.escape("--tpu_count=2 names its slices NAME-0 .. "
+                                                   "NAME-1: give one --tpu=NAME, not 2.")):
+        sweep.run_tpu(str(path), str(root), "a,b", count=2)

@@ -16,6 +16,11 @@ flags.DEFINE_bool("status", False, "print each member's state (done, running whe
                   "pending) and run nothing")
 flags.DEFINE_string("tpu", "", "--runner=tpu: the pool of TPU VM slices, NAME[,NAME...]; each "
                     "trains one member at a time")
+flags.DEFINE_integer("tpu_count", 0, "--runner=tpu: a pool of this many slices NAME-0 .. "
+                     "NAME-(K-1) that the sweep creates (as --tpu_flags say), keeps busy and "
+                     "deletes at its end; 0: --tpu names slices that exist")
+flags.DEFINE_string("tpu_flags", "", "--runner=tpu: launch/tpu_pod.py flags for every member's "
+                    "launch, e.g. '--accelerator=v5p-8 --spot --queued --zone=us-east5-a'")
 FLAGS = flags.FLAGS
 
 
@@ -27,7 +32,8 @@ def run(args: list[str], overrides: list[str]) -> None:
         return
     try:
         if FLAGS.runner == "tpu":
-            status = sweep.run_tpu(FLAGS.sweep, FLAGS.root, FLAGS.tpu, FLAGS.dry_run)
+            status = sweep.run_tpu(FLAGS.sweep, FLAGS.root, FLAGS.tpu, FLAGS.dry_run,
+                                   count=FLAGS.tpu_count, pod_flags=FLAGS.tpu_flags)
         else:
             status = sweep.run_local(FLAGS.sweep, FLAGS.root, FLAGS.parallel, FLAGS.dry_run)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, exit status 1

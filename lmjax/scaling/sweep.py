@@ -26,6 +26,7 @@ import dataclasses
 import json
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -170,12 +171,14 @@ def train_command(path: str, workdir: str, member: Member) -> list[str]:
             *_overrides(workdir, member)]
 
 
-def tpu_command(path: str, workdir: str, member: Member, tpu: str) -> list[str]:
-    """The member handed to launch/tpu_pod.py, which runs the command on every host of `tpu`
-    (`--worker=all`); the workdir should be a gs:// path every host can reach."""
+def tpu_command(path: str, workdir: str, member: Member, tpu: str,
+                pod_flags: tuple[str, ...] = ()) -> list[str]:
+    """The member handed to launch/tpu_pod.py (with `pod_flags`), which runs the command on
+    every host of `tpu` (`--worker=all`); the workdir should be a gs:// path every host can
+    reach."""
     train = ["lmjax", "train", f"--config={path}", f"--workdir={workdir}",
              *_overrides(workdir, member)]
-    return [sys.executable, "launch/tpu_pod.py", f"--tpu={tpu}", "--", *train]
+    return [sys.executable, "launch/tpu_pod.py", f"--tpu={tpu}", *pod_flags, "--", *train]
 
 
 def _shell(command: list[str]) -> str:
@@ -221,13 +224,25 @@ def run_local(path: str, root: str, parallel: int = 1, dry_run: bool = False,
                      lambda m, workdir, slot: train_command(path, workdir, m), dry_run, env, log)
 
 
-def run_tpu(path: str, root: str, pool: str, dry_run: bool = False, log=print) -> dict[str, str]:
-    """Train every unfinished member on a pool of TPU slices (`pool`: comma-separated names),
-    each slice busy with one member at a time through launch/tpu_pod.py, which sees its member
-    through preemptions of its slice. `root` must be visible from the pods (gs://)."""
+def run_tpu(path: str, root: str, pool: str, dry_run: bool = False, log=print, count: int = 0,
+            pod_flags: str = "") -> dict[str, str]:
+    """Train every unfinished member on a pool of TPU slices, each slice busy with one member
+    at a time through launch/tpu_pod.py, which sees its member through preemptions of its
+    slice. `root` must be visible from the pods (gs://). The pool: `pool`'s comma-separated
+    slices, which exist; or with `count`, slices POOL-0 .. POOL-(count-1) that the members'
+    launches create as `pod_flags` say (--accelerator, --spot, --queued, --zone, ...), keep
+    for the next member, and that are deleted when the sweep ends, however it ends."""
     slices = [name for name in pool.split(",") if name]
     if not slices:
         raise ValueError("--runner=tpu needs --tpu=NAME[,NAME...]: the slices to train on.")
+    if count and len(slices) > 1:
+        raise ValueError(f"--tpu_count={count} names its slices NAME-0 .. NAME-{count - 1}: give "
+                         f"one --tpu=NAME, not {len(slices)}.")
+    if count < 0:
+        raise ValueError(f"--tpu_count={count} must be at least 1 (0: --tpu names the slices).")
+    flags = tuple(shlex.split(pod_flags))
+    made = ("--create", "--reuse", *flags) if count else flags
+    slices = [f"{slices[0]}-{i}" for i in range(count)] if count else slices
     if not dry_run and not pathlib.Path("launch/tpu_pod.py").is_file():  # this checkout's
         raise FileNotFoundError("launch/tpu_pod.py does not exist; run from the repository "
                                 "root (or use --dry_run to print the commands).")
@@ -237,9 +252,17 @@ def run_tpu(path: str, root: str, pool: str, dry_run: bool = False, log=print) -
             raise ValueError(f"--sweep={path} is outside this checkout, which is all the TPU "
                              f"hosts receive: move it inside, or onto gs://.")
         path = str(inside.relative_to(pathlib.Path.cwd()))
-    return run_slots(path, root, slices,
-                     lambda m, workdir, slot: tpu_command(path, workdir, m, slot), dry_run,
-                     None, log)
+    try:
+        return run_slots(path, root, slices,
+                         lambda m, workdir, slot: tpu_command(path, workdir, m, slot, made),
+                         dry_run, None, log)
+    finally:
+        for slot in slices if count else []:  # what the pool made, made or not: idle TPUs cost
+            deleting = [sys.executable, "launch/tpu_pod.py", f"--tpu={slot}", *flags, "--delete",
+                        "--"]
+            log(_shell(deleting))
+            if not dry_run:
+                subprocess.run(deleting, capture_output=True)
 
 
 def run_slots(path: str, root: str, slots: list[str], command, dry_run: bool = False,

@@ -19,9 +19,12 @@ from lmjax.interop import hf  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 12))
 
-# Published totals: Qwen3-0.6B's and Gemma-2B's (tied) and Mistral-7B-v0.1's model cards.
+# Published totals: Qwen3-0.6B's and Gemma-2B's (tied) and Mistral-7B-v0.1's model cards;
+# the other Qwen3 sizes as KerasHub's presets of the released weights give them.
 PUBLISHED = {("qwen3", "0.6b"): 596_049_920, ("mistral", "7b"): 7_241_732_096,
-             ("gemma", "2b"): 2_506_172_416}
+             ("gemma", "2b"): 2_506_172_416, ("qwen3", "1.7b"): 1_720_574_976,
+             ("qwen3", "4b"): 4_022_468_096, ("qwen3", "8b"): 8_190_735_360,
+             ("qwen3", "14b"): 14_768_307_200, ("qwen3", "32b"): 32_762_123_264}
 
 
 @pytest.mark.parametrize(("file", "arg"), PUBLISHED)

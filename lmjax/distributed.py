@@ -10,7 +10,7 @@ How a process learns its place, first match wins:
      launch/multiprocess_local.py sets, and JAX itself reads the first);
   3. a cluster JAX recognises by itself: a Cloud TPU pod, SLURM (srun), Open MPI (mpirun).
 Otherwise the run is one process and nothing is called: `initialize` would wait for peers that
-never come.
+never come. Which GPUs each process drives: `local_devices`.
 
 A dead peer must not hang the others: every process sends heartbeats to the coordinator, and
 when one stops (`heartbeat_timeout` seconds) the coordination service aborts the rest with
@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -36,6 +37,8 @@ from jax.experimental import multihost_utils
 from lmjax import lease
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+LOCAL_ENV = "JAX_LOCAL_DEVICE_IDS"  # JAX reads it too, but only when given no ids
+LOCAL_RANK = ("SLURM_LOCALID", "LOCAL_RANK")  # a process's index on its node: srun, torchrun
 PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure; the same command resumes
 
 
@@ -96,11 +99,52 @@ def _from_env(coordinator: str, num_processes: int, process_id: int) -> tuple[st
     return coordinator, num_processes, process_id
 
 
+def _device_numbers(text: str, name: str) -> list[int]:
+    """`0,1` -> [0, 1]; anything else is refused in one sentence naming where it came from."""
+    try:
+        numbers = [int(x) for x in text.split(",")]
+    except ValueError:
+        numbers = [-1]
+    if min(numbers) < 0:
+        raise ValueError(f"{name}={text!r} must be a device number, or several separated by "
+                         f"commas (e.g. 0 or 0,1).")
+    return numbers
+
+
+def local_devices(env: Mapping[str, str], flag: str = "", explicit: bool = False
+                  ) -> list[int] | None:
+    """The devices this process drives (jax.distributed.initialize's local_device_ids), or None
+    to let JAX choose: every local device, or on SLURM / Open MPI the one numbered by the task's
+    local rank. JAX applies the ids to GPUs only; TPU and CPU ignore them.
+
+    `--local_device_ids` (else $JAX_LOCAL_DEVICE_IDS) wins. Otherwise a process whose
+    CUDA_VISIBLE_DEVICES names one GPU (SLURM's --gpus-per-task=1) gets [0]: that GPU is its
+    device 0, while JAX's SLURM detection would ask for device SLURM_LOCALID, which no task but
+    a node's first has. With an `explicit` coordinator (flags or JAX_*), JAX numbers a GPU only
+    in a cluster it recognises, so elsewhere every process would claim all of the node's: the
+    local rank (SLURM_LOCALID, else LOCAL_RANK) picks one, one process per GPU, unless
+    CUDA_VISIBLE_DEVICES leaves none.
+    """
+    if flag or env.get(LOCAL_ENV):
+        name = "--local_device_ids" if flag else LOCAL_ENV
+        return _device_numbers(flag or env[LOCAL_ENV], name)
+    cuda = env.get("CUDA_VISIBLE_DEVICES")
+    gpus = None if cuda is None else len([d for d in cuda.split(",") if d.strip()])  # None: all
+    if gpus == 1:
+        return [0]
+    rank = next((name for name in LOCAL_RANK if env.get(name)), None)
+    if explicit and rank and gpus != 0:
+        return _device_numbers(env[rank], rank)
+    return None
+
+
 def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
-               init_timeout: int = 300, heartbeat_timeout: int = 100) -> bool:
+               init_timeout: int = 300, heartbeat_timeout: int = 100,
+               local_device_ids: str = "") -> bool:
     """Connect this process to its peers if it is one of several; returns whether it did.
 
     Call before anything touches a device (jax.devices(), a jit): the backend is created once.
+    `local_device_ids`: comma-separated device numbers, "" for `local_devices`' choice.
     """
     coordinator, num_processes, process_id = _from_env(coordinator, num_processes, process_id)
     have = {"--coordinator": bool(coordinator), "--num_processes": num_processes > 0,
@@ -109,6 +153,7 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
         missing = ", ".join(flag for flag, ok in have.items() if not ok)
         raise ValueError(f"Multi-process training needs --coordinator, --num_processes and "
                          f"--process_id together (or {', '.join(ENV)}); {missing} is missing.")
+    devices = local_devices(os.environ, local_device_ids, explicit=bool(coordinator))
     if coordinator:
         if ":" not in coordinator:
             raise ValueError(f"--coordinator={coordinator!r} must be HOST:PORT.")
@@ -116,12 +161,13 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
             raise ValueError(f"--process_id={process_id} must be in [0, {num_processes}) for "
                              f"--num_processes={num_processes}.")
         jax.distributed.initialize(coordinator, num_processes, process_id,
+                                   local_device_ids=devices,
                                    initialization_timeout=init_timeout,
                                    heartbeat_timeout_seconds=heartbeat_timeout)
         return True
     if detected_cluster() is None:
         return False
-    jax.distributed.initialize(initialization_timeout=init_timeout,
+    jax.distributed.initialize(local_device_ids=devices, initialization_timeout=init_timeout,
                                heartbeat_timeout_seconds=heartbeat_timeout)
     return True
 

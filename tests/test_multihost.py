@@ -26,9 +26,12 @@ CLUSTER_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PRO
                "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", *distributed.ENV)
 
 
+GPU_ENV = ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK", distributed.LOCAL_ENV)
+
+
 @pytest.fixture
 def no_cluster(monkeypatch):
-    for name in CLUSTER_ENV:
+    for name in (*CLUSTER_ENV, *GPU_ENV):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -56,6 +59,69 @@ def test_bad_flags_fail_in_one_sentence(no_cluster, monkeypatch, kwargs, env, me
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         distributed.initialize(**kwargs)
+
+
+@pytest.mark.parametrize("env, flag, explicit, ids", [
+    ({}, "", True, None),  # nothing known: JAX decides (every local device; TPU, CPU)
+    ({"CUDA_VISIBLE_DEVICES": "5"}, "", False, [0]),  # --gpus-per-task=1: its GPU is device 0
+    ({"CUDA_VISIBLE_DEVICES": "5", "SLURM_LOCALID": "3"}, "", True, [0]),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_LOCALID": "3"}, "", True, [3]),
+    ({"SLURM_LOCALID": "2"}, "", True, [2]),  # every GPU of the node visible
+    ({"LOCAL_RANK": "1"}, "", True, [1]),  # torchrun-style launchers
+    ({"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_LOCALID": "1"}, "", False, None),  # JAX's own rule
+    ({"CUDA_VISIBLE_DEVICES": "", "LOCAL_RANK": "1"}, "", True, None),  # no GPU at all
+    ({"CUDA_VISIBLE_DEVICES": "5", "SLURM_LOCALID": "3"}, "2,3", True, [2, 3]),  # flag wins
+    ({"CUDA_VISIBLE_DEVICES": "5", distributed.LOCAL_ENV: "1"}, "", False, [1]),
+    ({distributed.LOCAL_ENV: "1"}, "0", True, [0]),
+])
+def test_local_devices(env, flag, explicit, ids):
+    assert distributed.local_devices(env, flag, explicit) == ids
+
+
+@pytest.mark.parametrize("env, flag, message", [
+    ({}, "a", r"--local_device_ids='a' must be a device number"),
+    ({}, "0,,1", r"--local_device_ids='0,,1' must be"),
+    ({}, "-1", r"--local_device_ids='-1' must be"),
+    ({distributed.LOCAL_ENV: "x"}, "", r"JAX_LOCAL_DEVICE_IDS='x' must be"),
+    ({"LOCAL_RANK": "one"}, "", r"LOCAL_RANK='one' must be"),
+])
+def test_bad_local_device_ids_fail_in_one_sentence(env, flag, message):
+    with pytest.raises(ValueError, match=message):
+        distributed.local_devices(env, flag, explicit=True)
+
+
+@pytest.fixture
+def initialize_calls(monkeypatch):
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+    return calls
+
+
+def test_initialize_passes_local_device_ids(no_cluster, monkeypatch, initialize_calls):
+    assert distributed.initialize("h:1", 2, 1, local_device_ids="0,1")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert distributed.initialize("h:1", 2, 1)
+    monkeypatch.delenv("SLURM_LOCALID")
+    assert distributed.initialize("h:1", 2, 1)
+    assert [kw["local_device_ids"] for _, kw in initialize_calls] == [[0, 1], [1], None]
+    assert initialize_calls[0][0] == ("h:1", 2, 1)
+
+
+def test_slurm_task_with_one_gpu_drives_its_device_0(no_cluster, monkeypatch, initialize_calls):
+    for name, value in zip(CLUSTER_ENV[:5], ("7", "node[1-2]", "16", "3", "3"), strict=True):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # --gpus-per-task=1: not device 3 in here
+    assert distributed.initialize()
+    assert initialize_calls == [((), {"local_device_ids": [0], "initialization_timeout": 300,
+                                      "heartbeat_timeout_seconds": 100})]
+
+
+def test_a_bad_local_device_ids_flag_fails_before_initialize(no_cluster, initialize_calls):
+    with pytest.raises(ValueError, match=r"^--local_device_ids='a' must be .*\.$"):
+        distributed.initialize("h:1", 2, 0, local_device_ids="a")
+    assert initialize_calls == []
 
 
 def test_a_failed_device_call_of_a_single_process_keeps_its_traceback():

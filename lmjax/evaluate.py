@@ -106,13 +106,9 @@ def strided_rows(stream: np.ndarray, seq_len: int, stride: int) -> dict[str, np.
 def _rows(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None, split: str,
           max_rows: int) -> dict[str, np.ndarray]:
     d = cfg.data
-    if d.source == "text":
-        paths = sources.resolve_text(d.text)
-        if split == "all":
-            stream, _ = sources.text_streams(paths, tokenizer, 0.0)
-        else:
-            train, held_out = sources.text_streams(paths, tokenizer, d.eval_fraction)
-            stream = train if split == "train" else held_out
+    if d.source in pipeline.TEXT_LIKE:  # text files, or jsonl / parquet / hf records
+        train, held_out = pipeline.streams(cfg, tokenizer, 0.0 if split == "all" else None)
+        stream = held_out if split == "eval" else train
         if len(stream) < 2:
             raise ValueError(f"The {split!r} split of data.text={d.text!r} has no tokens to "
                              "score (is data.eval_fraction 0?).")
@@ -128,8 +124,9 @@ def _rows(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None, split: st
         rows = {"inputs": stream_rows_[:, :-1], "targets": stream_rows_[:, 1:],
                 "weights": np.ones((count, d.seq_len), np.float32)}
     else:
-        raise ValueError(f"lmjax eval reads data.source 'text' or 'synthetic', not "
-                         f"{d.source!r}; its training run reports eval/loss in metrics.jsonl.")
+        raise ValueError(f"lmjax eval reads data.source {', '.join(pipeline.TEXT_LIKE)} or "
+                         f"synthetic, not {d.source!r}; its training run reports eval/loss in "
+                         f"metrics.jsonl.")
     if max_rows:
         rows = {k: v[:max_rows] for k, v in rows.items()}
     return rows
@@ -206,7 +203,7 @@ def evaluate(workdir: str, *, split: str = "eval", text: str | None = None,
                                 batches=batches, overrides=overrides, devices=devices)
     mesh = sharding.make_mesh(cfg, devices)
     model, _, tokenizer = inference.load(workdir, step, mesh, cfg)
-    if cfg.data.source == "text" and tokenizer is None:
+    if cfg.data.source in pipeline.TEXT_LIKE and tokenizer is None:
         raise FileNotFoundError(f"{workdir} has no tokenizer.model to encode text with.")
     B = cfg.data.global_batch_size
     rows = _rows(cfg, tokenizer, "all" if text else split, batches * B)
@@ -231,7 +228,7 @@ def evaluate(workdir: str, *, split: str = "eval", text: str | None = None,
         table = bytes_per_token(tokenizer)
         row_bytes = (table[rows["targets"]] * (rows["weights"] > 0)).sum(axis=1)
     result = summarize(sums["nll"], sums["correct"], sums["tokens"], row_bytes)
-    if cfg.data.source == "text":
+    if cfg.data.source in pipeline.TEXT_LIKE:
         result.update({"eval/context": cfg.data.seq_len,
                        "eval/stride": cfg.data.eval_stride or cfg.data.seq_len})
     return {"step": checkpoint_step(workdir, step), **result}

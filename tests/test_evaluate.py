@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 
 from lmjax import evaluate, inference
+from lmjax.data import records, sources
 from lmjax.data.tokenizer import Tokenizer, resolve_tokenizer
 
 TEXT = "Ay me! sad hours seem long.\nNaïve café — ünïcödé 😀 and tabs\there.\n\n"
@@ -78,6 +80,28 @@ def test_eval_of_a_text_file_against_a_direct_computation(smoke_workdir, tmp_pat
     assert result["eval/bits_per_byte"] == pytest.approx(
         np.sum(nll) / math.log(2) / result["eval/bytes"], rel=1e-4)
     assert result["eval/accuracy"] == pytest.approx(np.mean(correct))
+
+
+@pytest.mark.parametrize("source", ["jsonl", "parquet", "hf"])
+def test_eval_of_records_equals_eval_of_the_same_text(smoke_workdir, tmp_path, source):
+    """`lmjax eval --text=... --config.data.source=jsonl|parquet|hf`: records holding the
+    documents of a text file score as that file does, whole or split as the run's data says."""
+    text = "".join(f"{TEXT}poem {i}\n\n\n" for i in range(12))
+    path = tmp_path / "poems.txt"
+    path.write_text(text)
+    folder = epath.Path(tmp_path / source)
+    folder.mkdir()
+    records_text = records.write(source, sources.split_documents(text), folder)
+    as_records = (f"data.source={source}", "data.text_field=text")
+    one = jax.devices()[:1]
+    whole = evaluate.evaluate(smoke_workdir, text=str(path), devices=one)  # --text: every row
+    assert evaluate.evaluate(smoke_workdir, text=records_text, overrides=as_records,
+                             devices=one) == whole
+    held_out = evaluate.evaluate(smoke_workdir, devices=one, overrides=(
+        f"data.text={path}", "data.eval_fraction=0.25"))
+    assert evaluate.evaluate(smoke_workdir, devices=one, overrides=(
+        f"data.text={records_text}", "data.eval_fraction=0.25", *as_records)) == held_out
+    assert 0 < held_out["eval/tokens"] < whole["eval/tokens"]
 
 
 @pytest.mark.slow

@@ -11,8 +11,10 @@ from lmjax.cli import common
 common.define_workdir()
 common.define_step("evaluate")
 flags.DEFINE_enum("split", "eval", ["eval", "train", "all"], "which part of the run's text")
-flags.DEFINE_string("text", None, "score all of these UTF-8 files (a shipped name, a glob or "
-                    "a folder; local or gs://)")
+flags.DEFINE_string("text", None, "score all of these files (a shipped name, a glob or a "
+                    "folder; local or gs://), read as the run's data.source: UTF-8 text, or "
+                    "jsonl / parquet / hf records (--config.data.source=... "
+                    "--config.data.text_field=... to read another kind)")
 flags.DEFINE_integer("batches", 0, "at most this many global batches (0 = all rows)")
 flags.DEFINE_multi_integer("stride", [], "slide windows of data.seq_len tokens this many "
                            "at a time (1..seq_len; repeat for a table of perplexity by stride)")

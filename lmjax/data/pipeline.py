@@ -201,7 +201,7 @@ def build(cfg: ml_collections.ConfigDict, process_index: int = 0, process_count:
         train_rows = sources.synthetic_rows(cfg, split=0)
         eval_rows = sources.synthetic_rows(cfg, split=1)
     else:
-        train_stream, eval_stream = _streams(cfg, tokenizer)
+        train_stream, eval_stream = streams(cfg, tokenizer)
         train_rows = sources.windows(train_stream, d.seq_len)
         eval_rows = sources.windows(eval_stream, d.seq_len)
         if len(train_rows) < d.global_batch_size:
@@ -228,13 +228,16 @@ def build(cfg: ml_collections.ConfigDict, process_index: int = 0, process_count:
     )
 
 
-def _streams(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) token streams of data.text, read as data.source says."""
+def streams(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
+            eval_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) token streams of data.text, read as data.source says (a TEXT_LIKE
+    source), held out as data.eval_fraction or `eval_fraction` (0: all of it is 'train')."""
     d = cfg.data
+    fraction = d.eval_fraction if eval_fraction is None else eval_fraction
     if d.source == "text":
-        return sources.text_streams(sources.resolve_text(d.text), tokenizer, d.eval_fraction)
+        return sources.text_streams(sources.resolve_text(d.text), tokenizer, fraction)
     files = records.resolve(d.source, d.text)
-    return records.record_streams(d.source, files, d.text_field, tokenizer, d.eval_fraction)
+    return records.record_streams(d.source, files, d.text_field, tokenizer, fraction)
 
 
 def source_rows(cfg: ml_collections.ConfigDict, source: mixture.Source,

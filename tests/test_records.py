@@ -155,12 +155,20 @@ def test_missing_text_field_setting():
         pipeline.validate(cfg)
 
 
-def test_jsonl_in_a_bucket(bucket, corpus, expected):
-    folder = epath.Path(bucket) / "docs"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(sorted(epath.Path(corpus["text"]).parent.glob("*.jsonl"))):
-        (folder / f"part-{i}.jsonl").write_text(path.read_text())
-    data = pipeline.build(make_cfg("jsonl", f"{bucket}/docs/*.jsonl"))
+@pytest.mark.parametrize("source,files", [("jsonl", "*.jsonl"), ("parquet", "all.parquet"),
+                                          ("hf", "hf/*")])
+def test_records_in_a_bucket(bucket, corpus, expected, source, files, tmp_path, monkeypatch):
+    """The same files on the test's GCS server (gs://) give the rows they give locally, read
+    and tokenized from there (an empty cache: the cache is keyed by content)."""
+    monkeypatch.setenv("LMJAX_CACHE", str(tmp_path))
+    local = epath.Path(corpus["text"]).parent
+    folder = epath.Path(bucket) / source
+    for path in local.glob(files):
+        target = folder / path.relative_to(local)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    remote = corpus[source].replace(str(local), str(folder))
+    data = pipeline.build(make_cfg(source, remote))
     assert same(take(data.train, STEPS), expected[0])
 
 

@@ -6,9 +6,10 @@
 Renders the sbatch script (`--dry_run` prints it and submits nothing), writes it to
 <logdir>/<job_name>.sbatch and submits it with `sbatch`. The job runs one task per GPU, as JAX's
 SLURM detection expects (a task per node would see only its node's first GPU), every task the
-same command; the workdir must be on a filesystem all nodes share. With --requeue, a job that
-is preempted or reaches --time saves (its tasks get SIGTERM) and goes back to the queue, and the
-same command resumes it from the checkpoint.
+same command; the workdir must be on a filesystem all nodes share. XLA_FLAGS gains the
+collective-overlap flags MaxText and NVIDIA use on GPUs (OVERLAP_XLA_FLAGS; --plain_xla: none).
+With --requeue, a job that is preempted or reaches --time saves (its tasks get SIGTERM) and goes
+back to the queue, and the same command resumes it from the checkpoint.
 """
 
 import argparse
@@ -19,6 +20,22 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = os.path.join(ROOT, "launch", "slurm.sbatch")
+# XLA:GPU's collectives overlapped with compute, as NVIDIA's JAX-Toolbox (GPU_performance.md)
+# and MaxText's GPU recipes set them: the latency-hiding scheduler on a high-priority stream,
+# FSDP's all-gathers and reduce-scatters (and DP's all-reduces) pipelined across the scan over
+# layers, whose loop is double-buffered, and collectives combined up to these sizes. Each flag
+# is one this jaxlib's XLA knows (an unknown one aborts every task: tests/test_launch.py).
+OVERLAP_XLA_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",
+)
 
 
 def render(args, command: list[str]) -> str:
@@ -34,7 +51,9 @@ def render(args, command: list[str]) -> str:
             cpus_per_task=args.cpus_per_task, time=args.time, logdir=os.path.abspath(args.logdir),
             extra="\n".join(extra), root=shlex.quote(ROOT), requeue=int(args.requeue),
             activate=f"source {shlex.quote(os.path.abspath(args.venv))}/bin/activate"
-            if args.venv else "", command=shlex.join(command))
+            if args.venv else "", command=shlex.join(command),
+            xla_flags="" if args.plain_xla else  # after them the user's own, which win
+            f'export XLA_FLAGS="{" ".join(OVERLAP_XLA_FLAGS)} ${{XLA_FLAGS:-}}"')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                         "preempted or nears --time: the tasks save at SIGTERM and exit 75")
     parser.add_argument("--signal_seconds", type=int, default=300, help="--requeue: SIGTERM "
                         "this long before the time limit (enough for a save)")
+    parser.add_argument("--plain_xla", action="store_true", help="leave out the XLA:GPU "
+                        "flags that overlap collectives with compute (OVERLAP_XLA_FLAGS)")
     parser.add_argument("--dry_run", action="store_true", help="print the script only")
     args = parser.parse_args(argv[:cut])
     if not argv[cut + 1:]:

@@ -127,7 +127,29 @@ def test_slurm_script_runs_one_task_per_gpu(partition):
     assert ("\nsrun --kill-on-bad-exit=1 python -m lmjax train --config=configs/llama.py:1b "
             "--workdir=gs://bucket/run --config.mesh.fsdp=-1\n") in script
     assert "\nexport SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-8}\n" in script
-    assert "{" not in script.replace("${SLURM_CPUS_PER_TASK:-8}", "")  # every placeholder filled
+    assert "{" not in script.replace("${SLURM_CPUS_PER_TASK:-8}", "").replace(
+        "${XLA_FLAGS:-}", "")  # every placeholder filled
+
+
+def test_slurm_overlap_flags_are_ones_xla_knows():
+    """The script exports XLA:GPU's collective-overlap flags ahead of the user's XLA_FLAGS
+    (--plain_xla: none); XLA aborts a process at start on a flag it does not know, and it
+    parses every backend's flags, so a CPU process checks them."""
+    [export] = [line for line in launch("slurm.py", "--dry_run", "--", *TRAIN).stdout.splitlines()
+                if line.startswith("export XLA_FLAGS=")]
+    flags = shlex.split(export.removeprefix("export XLA_FLAGS="))[0].split()
+    assert flags[-1] == "${XLA_FLAGS:-}" and len(flags) > 5
+    assert all(f.startswith("--xla_gpu_") for f in flags[:-1])
+    out = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(3).sum())"],
+                         env={**os.environ, "XLA_FLAGS": " ".join(flags[:-1]),
+                              "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.ones(3)"],
+                         env={**os.environ, "XLA_FLAGS": "--xla_gpu_no_such_flag=true",
+                              "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "Unknown flag" in bad.stderr
+    plain = launch("slurm.py", "--plain_xla", "--dry_run", "--", *TRAIN).stdout
+    assert "XLA_FLAGS" not in plain
 
 
 @pytest.mark.parametrize("requeue, srun_exit", [(True, 75), (True, 1), (False, 75)])

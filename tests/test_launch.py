@@ -321,6 +321,35 @@ def test_tpu_pod_survives_a_spot_preemption_and_finishes_the_run(cloud, tmp_path
     assert cloud_state(cloud) == {"nodes": {}, "queued": {}}
 
 
+@pytest.mark.slow
+def test_a_sweep_on_a_counted_pool_survives_a_preemption(cloud, tmp_path):
+    """`lmjax sweep --tpu=pool --tpu_count=2` on the fake cloud: three members on two queued
+    spot slices the members' launches create; the first member's slice is preempted at step 6,
+    its launcher re-creates it and resumes. Every member finishes once, every step of each is
+    logged once, and the pool is deleted at the end."""
+    root = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmjax", "sweep", "--sweep=tests/sweeps/pool.py",
+         f"--root={root}", "--runner=tpu", "--tpu=pool", "--tpu_count=2",
+         "--tpu_flags=--queued --spot --accelerator=v5p-8 --poll=0.5"],
+        cwd=ROOT, env=cloud, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = root / "d_model=16"
+    deadline = time.monotonic() + 400
+    while max(steps(first), default=0) < 6:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.5)
+    subprocess.run([sys.executable, FAKE, "preempt", "pool-0"], env=cloud, check=True)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    assert "tpu_pod: preempted" in (first / "train.log").read_text()
+    for width in (16, 32, 48):
+        with open(root / f"d_model={width}" / "metrics.jsonl") as f:
+            logged = [json.loads(line)["step"] for line in f if '"train/loss"' in line]
+        assert sorted(logged) == list(range(1, 13)), width  # each step once
+    assert out.count("done d_model=") == 3 and "failed" not in out
+    assert cloud_state(cloud) == {"nodes": {}, "queued": {}}
+
+
 def steps(workdir) -> dict[int, float]:
     try:
         with open(os.path.join(workdir, "metrics.jsonl")) as f:

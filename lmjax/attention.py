@@ -108,6 +108,9 @@ def cudnn_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, 
                     implementation: str = "cudnn") -> jax.Array:
     """jax.nn.dot_product_attention: cuDNN's fused flash attention (`implementation='xla'` runs
     the same call anywhere, which is how CPU tests check the wiring)."""
+    # Packed rows reach cuDNN as a dense [B, 1, L, S] mask: jax.nn.dot_product_attention (jax
+    # 0.10 to 0.12) takes no segment ids, and cuDNN's own segment path (q/kv offsets) is only in
+    # jax._src.cudnn, which lmjax does not import. The public API missing: segment ids there.
     mask_B1LS = None if segment_ids_BL is None else _same_segment(segment_ids_BL)[:, None]
     return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS,
                                         is_causal=causal, implementation=implementation)

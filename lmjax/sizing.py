@@ -10,9 +10,10 @@ Each question is answered by compiling the real step (plan.plan) for each candid
                doubling, then bisection. XLA's peak is not monotonic in the batch near the
                HBM (1B on v5p-8: 1,016 rows over, 1,080 under), so "largest" is what the search
                proves: that batch fits and the next does not.
-  --search     every (data, fsdp, tensor) split of a slice's chips under each remat policy, at
-               the config's batch; those that fit, ranked by their roofline step-time bound.
-               The other axes (seq, expert, the dcn_* sizes) stay as configured.
+  --search     every (data, fsdp, tensor) split of a slice's chips, with and without ZeRO-1
+               where data > 1, under each remat policy, at the config's batch; those that
+               fit, ranked by their roofline step-time bound. The other axes (seq, expert, the
+               dcn_* sizes) stay as configured.
 """
 
 import copy
@@ -95,27 +96,33 @@ def max_batch(cfg: ml_collections.ConfigDict, devices: list, hbm_bytes: int | No
                         ["peak_estimate"]) for k in sorted(probes)]}
 
 
-def meshes(cfg: ml_collections.ConfigDict, num_devices: int) -> list[dict[str, int]]:
-    """Every {'data', 'fsdp', 'tensor'} whose product is the chips per slice that seq and
-    expert leave, most data-parallel first."""
-    slices = math.prod(sharding.dcn_shape(cfg))
-    free = num_devices // slices // (max(cfg.mesh.seq, 1) * max(cfg.mesh.expert, 1))
+def meshes(cfg: ml_collections.ConfigDict, num_devices: int, zero1: bool = True
+           ) -> list[dict[str, int]]:
+    """Every {'data', 'fsdp', 'tensor', 'shard_optimizer'} whose product is the chips per slice
+    that seq and expert leave, most data-parallel first; with `zero1`, a mesh with data > 1
+    (in a slice or across slices) both without and with ZeRO-1, which splits the optimizer
+    state over 'data' and changes how gradients are summed (elsewhere it changes nothing)."""
+    dcn = math.prod(sharding.dcn_shape(cfg))
+    free = num_devices // dcn // (max(cfg.mesh.seq, 1) * max(cfg.mesh.expert, 1))
     divisors = [d for d in range(1, free + 1) if free % d == 0]
-    return [{"data": free // (f * t), "fsdp": f, "tensor": t}
-            for t in divisors for f in divisors if free % (f * t) == 0]
+    splits = [{"data": free // (f * t), "fsdp": f, "tensor": t}
+              for t in divisors for f in divisors if free % (f * t) == 0]
+    data_dcn = sharding.dcn_shape(cfg)[sharding.AXES.index("data")]
+    return [{**split, "shard_optimizer": on} for split in splits
+            for on in ((False, True) if zero1 and split["data"] * data_dcn > 1 else (False,))]
 
 
 def search(cfg: ml_collections.ConfigDict, devices: list, remats: tuple[str, ...] = REMATS,
-           hbm_bytes: int | None = None, plan_fn=plan.plan) -> list[dict]:
-    """One row per (mesh, remat): {'mesh', 'remat', 'fits', 'peak', 'step_s', 'bound',
-    'tokens_per_s_per_chip', 'why'}, those that fit first, fastest bound first. A mesh the
-    model cannot split (heads, widths, the batch) is a row with its reason in 'why'."""
+           hbm_bytes: int | None = None, plan_fn=plan.plan, zero1: bool = True) -> list[dict]:
+    """One row per (mesh, remat) of `meshes`: {'mesh', 'remat', 'fits', 'peak', 'step_s',
+    'bound', 'tokens_per_s_per_chip', 'why'}, those that fit first, fastest bound first. A mesh
+    the model cannot split (heads, widths, the batch) is a row with its reason in 'why'."""
     unknown = sorted(set(remats) - {"none", *model.REMAT_POLICIES})
     if unknown:
         raise ValueError(f"--remats names {', '.join(unknown)}, which model.remat does not know "
                          f"(it takes none, {', '.join(model.REMAT_POLICIES)}).")
     rows = []
-    for mesh in meshes(cfg, len(devices)):
+    for mesh in meshes(cfg, len(devices), zero1):
         for remat in remats:
             row = {"mesh": mesh, "remat": remat, "fits": False, "peak": None, "step_s": None,
                    "bound": None, "tokens_per_s_per_chip": None, "why": None}
@@ -136,7 +143,7 @@ def search(cfg: ml_collections.ConfigDict, devices: list, remats: tuple[str, ...
 def search_report(rows: list[dict], hbm_bytes: int | None) -> str:
     gib = 2**30
     limit = "" if hbm_bytes is None else f" of {hbm_bytes / gib:,.2f} GiB"
-    lines = [f"{'data':>5} {'fsdp':>5} {'tensor':>6} {'remat':<14} {'fits':<5} "
+    lines = [f"{'data':>5} {'fsdp':>5} {'tensor':>6} {'zero1':<5} {'remat':<14} {'fits':<5} "
              f"{'peak GiB' + limit:>14} {'step bound':>11} {'bound':<14} {'tokens/s/chip':>13}"]
     for r in rows:
         m = r["mesh"]
@@ -144,7 +151,8 @@ def search_report(rows: list[dict], hbm_bytes: int | None) -> str:
         step = "-" if r["step_s"] is None else f"{r['step_s'] * 1e3:,.3g} ms"
         speed = ("-" if r["tokens_per_s_per_chip"] is None
                  else f"{r['tokens_per_s_per_chip']:,.0f}")
-        lines.append(f"{m['data']:>5} {m['fsdp']:>5} {m['tensor']:>6} {r['remat']:<14} "
+        zero1 = "yes" if m["shard_optimizer"] else "no"
+        lines.append(f"{m['data']:>5} {m['fsdp']:>5} {m['tensor']:>6} {zero1:<5} {r['remat']:<14} "
                      f"{'yes' if r['fits'] else 'no':<5} {peak:>14} {step:>11} "
                      f"{r['bound'] or '-':<14} {speed:>13}" + (f"  ({r['why']})" if r['why']
                                                                else ""))
@@ -156,6 +164,7 @@ def search_report(rows: list[dict], hbm_bytes: int | None) -> str:
         m = best["mesh"]
         lines.append(f"best: --config.mesh.data={m['data']} --config.mesh.fsdp={m['fsdp']} "
                      f"--config.mesh.tensor={m['tensor']} --config.mesh.rules=fsdp_tp "
+                     f"--config.mesh.shard_optimizer={m['shard_optimizer']} "
                      f"--config.model.remat={best['remat']}")
     return "\n".join(lines)
 

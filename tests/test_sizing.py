@@ -21,7 +21,8 @@ def linear_planner(fixed: int, per_row: int, calls: list):
         if cfg.mesh.tensor == 4:
             raise ValueError("model.num_kv_heads=2 is not divisible by the tensor axis.")
         peak = fixed + per_row * cfg.data.global_batch_size
-        step = 1.0 + cfg.mesh.tensor + 0.5 * cfg.mesh.data + (cfg.model.remat == "full")
+        step = (1.0 + cfg.mesh.tensor + 0.5 * cfg.mesh.data + (cfg.model.remat == "full")
+                - 0.1 * cfg.mesh.shard_optimizer)
         return {"fits": peak <= hbm_bytes, "error": None, "device_kind": "TPU v5",
                 "hbm_bytes": hbm_bytes,
                 "memory_per_device": {"peak_estimate": peak},
@@ -78,16 +79,24 @@ def test_search_ranks_what_fits_by_its_roofline_and_says_why_others_cannot_split
     calls = []
     rows = sizing.search(cfg, [None] * 4, ("none", "full"), hbm_bytes=10**9,
                          plan_fn=linear_planner(0, 1, calls))
-    # (data, fsdp, tensor) with product 4: (4,1,1) (2,2,1) (1,4,1) (2,1,2) (1,2,2) (1,1,4)
-    assert len(rows) == 6 * 2 and len(calls) == 6 * 2
+    # (data, fsdp, tensor) with product 4: (4,1,1) (2,2,1) (1,4,1) (2,1,2) (1,2,2) (1,1,4);
+    # the three with data > 1 without and with ZeRO-1
+    assert len(rows) == 9 * 2 and len(calls) == 9 * 2
+    assert sorted((c.mesh.data, c.mesh.shard_optimizer) for c in calls if c.mesh.data > 1) == (
+        [(2, False)] * 4 + [(2, True)] * 4 + [(4, False)] * 2 + [(4, True)] * 2)
+    assert all(not c.mesh.shard_optimizer for c in calls if c.mesh.data == 1)
     fitting = [r for r in rows if r["fits"]]
     assert [r["step_s"] for r in fitting] == sorted(r["step_s"] for r in fitting)
-    assert (fitting[0]["mesh"], fitting[0]["remat"]) == ({"data": 1, "fsdp": 4, "tensor": 1},
-                                                          "none")
+    assert (fitting[0]["mesh"], fitting[0]["remat"]) == (
+        {"data": 1, "fsdp": 4, "tensor": 1, "shard_optimizer": False}, "none")
     refused = [r for r in rows if not r["fits"]]
     assert len(refused) == 2 and all(r["mesh"]["tensor"] == 4 and "divisible" in r["why"]
                                       for r in refused)
-    assert "best: --config.mesh.data=1 --config.mesh.fsdp=4" in sizing.search_report(rows, None)
+    report = sizing.search_report(rows, None)
+    assert ("best: --config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.tensor=1 "
+            "--config.mesh.rules=fsdp_tp --config.mesh.shard_optimizer=False") in report
+    assert len(sizing.search(cfg, [None] * 4, ("none",), 10**9, linear_planner(0, 1, []),
+                             zero1=False)) == 6
     with pytest.raises(ValueError, match="--remats names fast"):
         sizing.search(cfg, [None] * 4, ("none", "fast"), plan_fn=linear_planner(0, 1, []))
 
@@ -128,7 +137,7 @@ def test_search_on_a_tpu_slice_picks_the_fastest_bound_that_fits():
     roofline; the best is the smallest bound."""
     cfg = config.load("configs/smoke.py", ["model.dtype=bfloat16"])
     devices = chips.tpu_devices("v5e-2")
-    rows = sizing.search(cfg, devices, ("none",))
+    rows = sizing.search(cfg, devices, ("none",), zero1=False)
     assert [r["mesh"]["data"] * r["mesh"]["fsdp"] * r["mesh"]["tensor"] for r in rows] == [2] * 3
     assert all(r["fits"] and r["step_s"] > 0 for r in rows)
     best = rows[0]

@@ -23,6 +23,8 @@ flags.DEFINE_bool("max_batch", False, "find the largest global batch whose step 
 flags.DEFINE_bool("search", False, "compile every data x fsdp x tensor split of the chips "
                   "under each --remats policy and rank those that fit by their roofline")
 flags.DEFINE_list("remats", list(sizing.REMATS), "model.remat policies --search tries")
+flags.DEFINE_bool("zero1", True, "--search: also try every mesh with data > 1 with ZeRO-1 "
+                  "(mesh.shard_optimizer); --nozero1 keeps it off")
 flags.DEFINE_float("hbm_gib", 0.0, "size against this much memory per device instead of "
                    "the chip's datasheet HBM (headroom; fake CPU devices standing in)")
 FLAGS = flags.FLAGS
@@ -36,7 +38,7 @@ def run(args: list[str], overrides: list[str]) -> None:
     cfg = common.load_config(overrides)
     hbm = int(FLAGS.hbm_gib * 2**30) or None
     if FLAGS.search:
-        rows = sizing.search(cfg, devices, tuple(FLAGS.remats), hbm)
+        rows = sizing.search(cfg, devices, tuple(FLAGS.remats), hbm, zero1=FLAGS.zero1)
         print(sizing.search_report(rows, hbm))
         best = next((r for r in rows if r["fits"] and r["step_s"] is not None), None)
         if best is None or not FLAGS.max_batch:

@@ -150,8 +150,8 @@ def _tokens(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> int:
     return rows * cfg.data.seq_len // mesh_shape["seq"]
 
 
-def exchange_bytes(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int], platform: str,
-                   theory: bool = False) -> tuple[str, int]:
+def exchange_bytes(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+                   platform: str = "cpu", theory: bool = False) -> tuple[str, int]:
     """Expert parallelism's exchange per device and step (EP above): (collective kind, bytes).
     Capacity: the [E, C, D] queues as moe.capacity sizes them. Dropless: a ragged all-to-all's
     result is its receive buffer, every peer's T·top_k rows going out and the device's own
@@ -257,7 +257,7 @@ def plan(cfg: ml_collections.ConfigDict, devices=None, hbm_bytes: int | None = N
             "lower_s": lower_s, "compile_s": compile_s,
             "rules": cfg.mesh.rules, "param_bytes": flops.report_dict(cfg)["param_bytes"],
             "memory_per_device": memory, "collectives": found, "expected_bytes": want,
-            "all_to_all_theory": (exchange_bytes(cfg, mesh_shape, "", theory=True)[1]
+            "all_to_all_theory": (exchange_bytes(cfg, mesh_shape, theory=True)[1]
                                   if mesh_shape["expert"] > 1 else None),
             "hlo": hlo,  # the compiled program's text (None: unreadable), for checks and tests
             "roofline": compiled and step_roofline(cfg, compiled.cost_analysis(), found or want,
@@ -288,7 +288,7 @@ def step_roofline(cfg: ml_collections.ConfigDict, cost: dict | list | None, foun
                 if dcn[sharding.AXES.index(axis)] > 1 for op in ops}
     measured = {k: v if isinstance(v, dict) else {"bytes": v} for k, v in found.items()}
     if "ragged-all-to-all" in measured:  # its result is a worst-case buffer: count what moves
-        measured["ragged-all-to-all"] = {"bytes": exchange_bytes(cfg, mesh_shape, "",
+        measured["ragged-all-to-all"] = {"bytes": exchange_bytes(cfg, mesh_shape,
                                                                  theory=True)[1]}
     # reduce-scatters run over 'fsdp', or with ZeRO-1 over 'data' too: costed at the wider
     ways = max(mesh_shape["fsdp"], mesh_shape["data"] if cfg.mesh.shard_optimizer else 1)

@@ -166,6 +166,14 @@ def steps(args, command: list[str], run: str = "RUN") -> list[tuple[str, list[st
     return out + [("final", argv) for argv in delete(args)] * args.delete
 
 
+def remove(args, dry_run: bool = False) -> None:
+    """Delete the slice (or queued resource), each command shown as it runs."""
+    for argv in delete(args):
+        print(f"+ {shlex.join(argv)}", flush=True)
+        if not dry_run:
+            subprocess.run(argv)
+
+
 def _state(args, node: str) -> list[str]:
     if args.queued:
         return _gcloud(args, "queued-resources", "describe", args.tpu,
@@ -370,10 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:cut])
     command = argv[cut + 1:]
     if not command and args.delete:  # nothing to run: only delete (a sweep's pool, at its end)
-        for argv in delete(args):
-            print(f"+ {shlex.join(argv)}", flush=True)
-            if not args.dry_run:
-                subprocess.run(argv)
+        remove(args, args.dry_run)
         return 0
     if not command:
         parser.error("the command after -- is empty")
@@ -403,9 +408,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        for argv in delete(args) if args.delete else []:
-            print(f"+ {shlex.join(argv)}", flush=True)
-            subprocess.run(argv)
+        if args.delete:
+            remove(args)
 
 
 if __name__ == "__main__":

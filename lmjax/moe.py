@@ -171,12 +171,8 @@ class Moe(nnx.Module):
         return matmul(h, down.astype(dtype))
 
     def _dropless(self, x_TD, experts_TK, gates_TK) -> jax.Array:
-        T, K = experts_TK.shape
-        flat_S = experts_TK.reshape(-1)  # S = T·K assignments, token-major
-        order_S = jnp.argsort(flat_S, stable=True)  # grouped by expert
-        sizes_E = jnp.bincount(flat_S, length=self.cfg.moe.num_experts).astype(jnp.int32)
-        y_SD = self._experts(x_TD[order_S // K],
-                             lambda x, w: jax.lax.ragged_dot(x, w, sizes_E))
+        x_SD, order_S, sizes_E = _by_expert(x_TD, experts_TK, self.cfg.moe.num_experts)
+        y_SD = self._experts(x_SD, lambda x, w: jax.lax.ragged_dot(x, w, sizes_E))
         return _combine(y_SD, order_S, gates_TK)
 
     def _experts_ECD(self, x_ECD: jax.Array) -> jax.Array:
@@ -260,16 +256,13 @@ class Moe(nnx.Module):
         name = resolve_exchange(name) if name == "auto" else name
         exchange = functools.partial(jax.lax.ragged_all_to_all if name == "ragged" else
                                      cpu_backend.padded_ragged_all_to_all, axis_name="expert")
-        flat_S = experts_TK.reshape(-1)
-        order_S = jnp.argsort(flat_S, stable=True)  # grouped by expert, so by device
-        sizes_E = jnp.bincount(flat_S, length=E).astype(jnp.int32)
+        x_SD, order_S, sizes_E = _by_expert(x_TD, experts_TK, E)  # so grouped by device too
         counts_PE = jax.lax.all_gather(sizes_E, "expert")  # rows device p sends expert e
         taken_PE = jnp.cumsum(counts_PE, 1) - counts_PE  # where in device p's sorted rows
         totals_QJ = counts_PE.sum(0).reshape(ep, E // ep)  # expert j of device q: its rows
         group_E = (jnp.cumsum(totals_QJ, 1) - totals_QJ).reshape(E)  # its start there
         land_PE = group_E + jnp.cumsum(counts_PE, 0) - counts_PE  # then after devices < p
         mine_PJ = _columns(counts_PE, me, ep)  # what my experts get from each device
-        x_SD = x_TD[order_S // K]
         # zeros_like: as x_SD, varying over the mesh; an invariant buffer would make its
         # (unused) cotangent an all-reduce of the whole buffer over every device
         there_RD = exchange(x_SD, jnp.zeros_like(x_SD, shape=(ep * T * K, x_SD.shape[1])),
@@ -278,6 +271,16 @@ class Moe(nnx.Module):
         y_SD = exchange(y_RD, jnp.zeros_like(x_SD), _columns(land_PE, me, ep).reshape(-1),
                         mine_PJ.reshape(-1), _columns(taken_PE, me, ep).reshape(-1), sizes_E)
         return _combine(y_SD, order_S, gates_TK)
+
+
+def _by_expert(x_TD: jax.Array, experts_TK: jax.Array, num_experts: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(rows of the S = T·K assignments grouped by expert, the order that groups them, each
+    expert's count): what a grouped matmul (ragged_dot) takes."""
+    flat_S = experts_TK.reshape(-1)  # token-major
+    order_S = jnp.argsort(flat_S, stable=True)
+    sizes_E = jnp.bincount(flat_S, length=num_experts).astype(jnp.int32)
+    return x_TD[order_S // experts_TK.shape[1]], order_S, sizes_E
 
 
 def _columns(a_PE: jax.Array, me: jax.Array, ep: int) -> jax.Array:
